@@ -1,0 +1,55 @@
+"""reid-ext: fused triplet-mining losses for person re-identification.
+
+Every loss is one fused kernel per direction on CPU and CUDA, never holding
+the N x M similarity matrix; `reid_ext.reference` holds the same functions in
+plain PyTorch.
+"""
+import importlib
+
+import torch
+
+_REBUILD = "rebuild it against the installed torch: pip install --no-build-isolation -e ."
+
+try:
+    from . import _build_info
+except ImportError as err:  # not built yet
+    raise ImportError(f"reid_ext's compiled extension was never built; {_REBUILD}") from err
+
+if _build_info.TORCH_VERSION != torch.__version__:
+    raise ImportError(
+        f"reid_ext was built for torch {_build_info.TORCH_VERSION} but torch {torch.__version__} is installed; "
+        + _REBUILD
+    )
+
+try:
+    importlib.import_module("reid_ext._C")
+except ImportError as err:
+    raise ImportError(f"reid_ext's compiled extension reid_ext._C failed to load ({err}); {_REBUILD}") from err
+
+from . import reference  # noqa: E402
+from .ops import cosine_similarity, unified_triplet_loss  # noqa: E402
+
+# Not fused yet: the plain-PyTorch versions until their kernels land.
+from .reference import (  # noqa: E402
+    batch_hard_triplet_loss,
+    cosine_softmax_loss,
+    hetero_center_triplet_loss,
+    modality_centers,
+)
+from . import losses  # noqa: E402
+
+WITH_CUDA = _build_info.WITH_CUDA
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cosine_similarity",
+    "unified_triplet_loss",
+    "batch_hard_triplet_loss",
+    "modality_centers",
+    "hetero_center_triplet_loss",
+    "cosine_softmax_loss",
+    "losses",
+    "reference",
+    "WITH_CUDA",
+]

@@ -1,0 +1,201 @@
+"""Plain-PyTorch implementations of every reid-ext op, with the same signatures.
+
+They build the full N x M similarity matrix and its masks, as
+pytorch-metric-learning, fast-reid and torchreid do. They are the ground truth
+of the tests, the "eager" column of the benchmark, and readable documentation
+of the math. Arithmetic happens in the input dtype.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+
+__all__ = [
+    "cosine_similarity",
+    "unified_triplet_loss",
+    "batch_hard_triplet_loss",
+    "modality_centers",
+    "hetero_center_triplet_loss",
+    "cosine_softmax_loss",
+]
+
+
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def cosine_similarity(x: torch.Tensor, y: Optional[torch.Tensor] = None, eps: float = 1e-12) -> torch.Tensor:
+    """S (Tensor[N, M]) = <x_i, y_j> / (max(|x_i|, eps) * max(|y_j|, eps)); y=None means y = x."""
+    _checks.check_cosine_similarity(x, y, eps)
+    xn = _normalize(x, eps)
+    yn = xn if y is None else _normalize(y, eps)
+    return xn @ yn.t()
+
+
+def _pair_masks(labels, modalities, mode, ref_labels, ref_modalities, self_ref):
+    same = labels[:, None] == ref_labels[None, :]
+    allowed = torch.ones_like(same)
+    if mode == "cross":
+        allowed = modalities[:, None] != ref_modalities[None, :]
+    elif mode == "intra":
+        allowed = modalities[:, None] == ref_modalities[None, :]
+    if self_ref:
+        allowed = allowed & ~torch.eye(same.size(0), dtype=torch.bool, device=same.device)
+    return same & allowed, ~same & allowed
+
+
+def _masked_logsumexp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Rows without any entry get a finite dummy, so that backward never sees
+    # exp(-inf - -inf); the caller zeroes those rows out with `valid`.
+    has_any = mask.any(dim=1, keepdim=True)
+    filled = torch.where(mask, values, torch.where(has_any, float("-inf"), 0.0))
+    return torch.logsumexp(filled, dim=1)
+
+
+def unified_triplet_loss(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    gamma: float = 64.0,
+    margin: float = 0.25,
+    modalities: Optional[torch.Tensor] = None,
+    mode: str = "all",
+    ref: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    ref_modalities: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """L_i = softplus(LSE_{n in neg(i)} gamma*(S_in + margin) + LSE_{p in pos(i)} (-gamma*S_ip))."""
+    _checks.check_unified(x, labels, gamma, modalities, mode, ref, ref_labels, ref_modalities, reduction)
+    self_ref = ref is None
+    if self_ref:
+        ref, ref_labels, ref_modalities = x, labels, modalities
+    sim = cosine_similarity(x, ref)
+    pos, neg = _pair_masks(labels, modalities, mode, ref_labels, ref_modalities, self_ref)
+    lse_neg = _masked_logsumexp(gamma * (sim + margin), neg)
+    lse_pos = _masked_logsumexp(-gamma * sim, pos)
+    valid = pos.any(dim=1) & neg.any(dim=1)
+    loss = torch.where(valid, F.softplus(lse_neg + lse_pos), torch.zeros_like(lse_neg))
+    return _checks.reduce_loss(loss, valid, reduction)
+
+
+def _distances(x: torch.Tensor, metric: str) -> torch.Tensor:
+    if metric == "cosine":
+        return 1.0 - cosine_similarity(x)
+    sq = (x * x).sum(dim=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.t())).clamp_min(0.0)
+    if metric == "sqeuclidean":
+        return d2
+    return d2.clamp_min(1e-12).sqrt()
+
+
+def _first_index_of(values: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    n = values.size(1)
+    cols = torch.arange(n, device=values.device).expand_as(values)
+    hit = mask & (values == target[:, None])
+    return torch.where(hit, cols, n).min(dim=1).values
+
+
+def batch_hard_triplet_loss(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.3,
+    metric: str = "euclidean",
+    soft_margin: bool = False,
+    reduction: str = "mean",
+    return_indices: bool = False,
+):
+    """L_i = relu(max_{p in pos(i)} d_ip - min_{n in neg(i)} d_in + margin) (softplus(d_ap - d_an) with soft_margin)."""
+    _checks.check_batch_hard(x, labels, margin, metric, reduction)
+    n = x.size(0)
+    dist = _distances(x, metric)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    pos, neg = same & ~eye, ~same
+    has_pos, has_neg = pos.any(dim=1), neg.any(dim=1)
+    valid = has_pos & has_neg
+    with torch.no_grad():
+        # Indices from detached values; ties go to the lowest index.
+        d = dist.detach()
+        hardest_pos = torch.where(pos, d, float("-inf")).max(dim=1).values
+        hardest_neg = torch.where(neg, d, float("inf")).min(dim=1).values
+        pos_idx = _first_index_of(d, hardest_pos, pos)
+        neg_idx = _first_index_of(d, hardest_neg, neg)
+        # A NaN row matches nothing: fall back to the first candidate so the NaN reaches the loss.
+        first = torch.arange(n, device=x.device)
+        pos_idx = torch.where(pos_idx < n, pos_idx, torch.where(pos, first[None, :], n).min(dim=1).values)
+        neg_idx = torch.where(neg_idx < n, neg_idx, torch.where(neg, first[None, :], n).min(dim=1).values)
+        pos_idx = torch.where(has_pos, pos_idx, -1)
+        neg_idx = torch.where(has_neg, neg_idx, -1)
+    d_ap = dist.gather(1, pos_idx.clamp_min(0)[:, None]).squeeze(1)
+    d_an = dist.gather(1, neg_idx.clamp_min(0)[:, None]).squeeze(1)
+    diff = d_ap - d_an
+    per_anchor = F.softplus(diff) if soft_margin else F.relu(diff + margin)
+    loss = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
+    loss = _checks.reduce_loss(loss, valid, reduction)
+    if return_indices:
+        return loss, pos_idx, neg_idx
+    return loss
+
+
+def modality_centers(
+    x: torch.Tensor, labels: torch.Tensor, modalities: torch.Tensor, *, normalize: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """centers (Tensor[G, D]): mean of (L2-normalized) x over each distinct (label, modality), in that order."""
+    _checks.check_centers(x, labels, modalities)
+    feats = _normalize(x, 1e-12) if normalize else x
+    keys = torch.stack([labels.long(), modalities.long()], dim=1)
+    uniq, group = torch.unique(keys, dim=0, return_inverse=True)
+    one_hot = F.one_hot(group, uniq.size(0)).to(feats.dtype)  # [N, G]
+    counts = one_hot.sum(dim=0)
+    centers = (one_hot.t() @ feats) / counts[:, None]
+    return centers, uniq[:, 0].to(labels.dtype), uniq[:, 1].to(modalities.dtype)
+
+
+def hetero_center_triplet_loss(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    modalities: torch.Tensor,
+    *,
+    mining: str = "all",
+    gamma: float = 64.0,
+    margin: Optional[float] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """mining "all": unified_triplet_loss(mode="cross") over normalized centers; "hard": batch-hard over raw centers."""
+    _checks.check_choice("mining", mining, ("all", "hard"))
+    if mining == "all":
+        centers, c_labels, c_mods = modality_centers(x, labels, modalities, normalize=True)
+        return unified_triplet_loss(
+            centers, c_labels, gamma=gamma, margin=0.25 if margin is None else margin,
+            modalities=c_mods, mode="cross", reduction=reduction,
+        )
+    centers, c_labels, _ = modality_centers(x, labels, modalities, normalize=False)
+    return batch_hard_triplet_loss(
+        centers, c_labels, margin=0.3 if margin is None else margin, metric="euclidean", reduction=reduction
+    )
+
+
+def cosine_softmax_loss(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    scale: float = 64.0,
+    margin: float = 0.35,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy over logits scale * (cos(x_i, weight_c) - margin * [c == label_i]), weight: Tensor[C, D]."""
+    _checks.check_cosine_softmax(x, weight, labels, scale, label_smoothing, reduction)
+    cos = cosine_similarity(x, weight)
+    target = F.one_hot(labels.long(), weight.size(0)).to(cos.dtype)
+    logits = scale * (cos - margin * target)
+    if reduction != "mean":
+        return F.cross_entropy(logits, labels.long(), label_smoothing=label_smoothing, reduction=reduction)
+    # Sum over max(N, 1), so that an empty batch gives 0 rather than 0/0.
+    total = F.cross_entropy(logits, labels.long(), label_smoothing=label_smoothing, reduction="sum")
+    return total / max(x.size(0), 1)
