@@ -1,0 +1,164 @@
+// cosine_similarity CUDA kernels.
+//
+// Forward: one 64 x 64 output tile per block, dot products of the raw features
+// with the norms taken from the same shared-memory tiles, normalized in the
+// epilogue (no normalized copies). Backward, per side:
+// grad_a[i] = inv_a[i] * sum_j c_ij inv_b[j] b_j - a_i * radial_a[i] * sum_j c_ij S_ij,
+// one block per 64 rows x 64 feature columns, streaming 64-column tiles of c.
+#include "cuda/tile_gemm.cuh"
+
+namespace reid_ext {
+namespace cuda {
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cosine_forward_kernel(const CosineForwardParams p) {
+  __shared__ DotTile tile;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  float acc[kMicro][kMicro];
+  tile_dots(static_cast<const T*>(p.x), p.n, i0, static_cast<const T*>(p.y), p.m, j0, p.d, tile, acc);
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int u = 0; u < kMicro; ++u) {
+    const int64_t i = i0 + ty * kMicro + u;
+    if (i >= p.n) continue;
+    const float inv_i = inverse_norm(tile.sq_a[ty * kMicro + u], p.eps);
+#pragma unroll
+    for (int v = 0; v < kMicro; ++v) {
+      const int64_t j = j0 + tx * kMicro + v;
+      if (j < p.m) store_float(out + i * p.m + j, acc[u][v] * inv_i * inverse_norm(tile.sq_b[tx * kMicro + v], p.eps));
+    }
+  }
+}
+
+// inv[r] = 1 / max(|v_r|, eps) and (unless radial is null) radial[r] = inv[r]^2 where |v_r| > eps else 0; one warp per row.
+template <typename T>
+__global__ void inverse_norms_kernel(const T* __restrict__ v, int64_t rows, int64_t d, float eps, float* inv,
+                                     float* radial) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= rows) return;  // whole warps leave together
+  const int lane = threadIdx.x % 32;
+  float sq = 0.f;
+  for (int64_t k = lane; k < d; k += 32) {
+    const float x = load_float(v + r * d + k);
+    sq = fmaf(x, x, sq);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, offset);
+  if (lane == 0) {
+    inv[r] = inverse_norm(sq, eps);
+    if (radial) radial[r] = sqrtf(sq) > eps ? inv[r] * inv[r] : 0.f;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    cosine_backward_kernel(const CosineBackwardParams p) {
+  const float* __restrict__ inv_a = p.inv_a;
+  const float* __restrict__ radial_a = p.radial_a;
+  const float* __restrict__ inv_b = p.inv_b;
+  __shared__ float coef[kTile][kTile + 1];
+  __shared__ float b_chunk[kTile][kTile];
+  __shared__ float radial_rows[kTile];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, k0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  float out[kMicro][kMicro] = {};
+  float radial = 0.f;  // thread tid < 64 accumulates sum_j c_ij S_ij of row i0 + tid
+  for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
+    for (int l = tid; l < kTile * kTile; l += kThreads) {
+      const int r = l / kTile, c = l % kTile;
+      const int64_t i = i0 + r, j = j0 + c;
+      float value = 0.f;
+      if (i < p.rows && j < p.cols) {
+        value = p.grad[i * p.row_stride + j * p.col_stride];
+        if (p.add_transpose) value += p.grad[j * p.row_stride + i * p.col_stride];
+      }
+      coef[r][c] = value;
+      b_chunk[r][c] = (j0 + r < p.cols && k0 + c < p.d) ? load_float(b + (j0 + r) * p.d + k0 + c) : 0.f;
+    }
+    __syncthreads();
+    if (tid < kTile && i0 + tid < p.rows) {
+      for (int c = 0; c < kTile && j0 + c < p.cols; ++c) {
+        radial = fmaf(coef[tid][c], p.sim[(i0 + tid) * p.row_stride + (j0 + c) * p.col_stride], radial);
+      }
+    }
+    __syncthreads();  // the radial sum read coef before it is scaled
+    for (int l = tid; l < kTile * kTile; l += kThreads) {
+      const int r = l / kTile, c = l % kTile;
+      if (j0 + c < p.cols) coef[r][c] *= inv_b[j0 + c];
+    }
+    __syncthreads();
+    for (int c = 0; c < kTile; ++c) {
+      float cv[kMicro], bv[kMicro];
+#pragma unroll
+      for (int u = 0; u < kMicro; ++u) cv[u] = coef[ty * kMicro + u][c];
+#pragma unroll
+      for (int v = 0; v < kMicro; ++v) bv[v] = b_chunk[c][tx * kMicro + v];
+#pragma unroll
+      for (int u = 0; u < kMicro; ++u)
+#pragma unroll
+        for (int v = 0; v < kMicro; ++v) out[u][v] = fmaf(cv[u], bv[v], out[u][v]);
+    }
+    __syncthreads();
+  }
+  if (tid < kTile) radial_rows[tid] = radial;
+  __syncthreads();
+  T* grad_a = static_cast<T*>(p.grad_a);
+#pragma unroll
+  for (int u = 0; u < kMicro; ++u) {
+    const int r = ty * kMicro + u;
+    const int64_t i = i0 + r;
+    if (i >= p.rows) continue;
+    const float shrink = radial_a[i] * radial_rows[r];
+#pragma unroll
+    for (int v = 0; v < kMicro; ++v) {
+      const int64_t k = k0 + tx * kMicro + v;
+      if (k < p.d) store_float(grad_a + i * p.d + k, inv_a[i] * out[u][v] - load_float(a + i * p.d + k) * shrink);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t forward_typed(const CosineForwardParams& p, cudaStream_t stream) {
+  const dim3 grid(blocks_for(p.m, kTile), blocks_for(p.n, kTile));
+  cosine_forward_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_typed(const CosineBackwardParams& p, cudaStream_t stream) {
+  const int rows_per_block = 8;
+  inverse_norms_kernel<T><<<blocks_for(p.rows, rows_per_block), 32 * rows_per_block, 0, stream>>>(
+      static_cast<const T*>(p.a), p.rows, p.d, p.eps, p.inv_a, p.radial_a);
+  inverse_norms_kernel<T><<<blocks_for(p.cols, rows_per_block), 32 * rows_per_block, 0, stream>>>(
+      static_cast<const T*>(p.b), p.cols, p.d, p.eps, p.inv_b, nullptr);
+  const dim3 grid(blocks_for(p.d, kTile), blocks_for(p.rows, kTile));
+  cosine_backward_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_cosine_forward(const CosineForwardParams& p, cudaStream_t stream) {
+  if (p.n == 0 || p.m == 0) return cudaSuccess;
+  switch (p.kind) {
+    case ScalarKind::kFloat16: return forward_typed<__half>(p, stream);
+    case ScalarKind::kBFloat16: return forward_typed<__nv_bfloat16>(p, stream);
+    default: return forward_typed<float>(p, stream);
+  }
+}
+
+cudaError_t launch_cosine_backward(const CosineBackwardParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  switch (p.kind) {
+    case ScalarKind::kFloat16: return backward_typed<__half>(p, stream);
+    case ScalarKind::kBFloat16: return backward_typed<__nv_bfloat16>(p, stream);
+    default: return backward_typed<float>(p, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace reid_ext

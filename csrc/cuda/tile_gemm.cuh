@@ -1,0 +1,123 @@
+// Device building blocks of the fused kernels: dtype conversion, a 64 x 64
+// tile of dot products with the squared norms of its rows, and reductions
+// across the 16 lanes that share a tile row.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "common.h"
+#include "cuda/launch.h"
+
+namespace reid_ext {
+namespace cuda {
+
+constexpr int kTileK = 16;    // depth of one shared-memory stage
+constexpr int kThreads = 256;  // 16 x 16 threads, each owning 4 rows x 4 columns of a tile
+constexpr int kMicro = 4;
+constexpr float kNormEps = 1e-12f;
+
+template <typename T>
+__device__ __forceinline__ float load_float(const T* p);
+template <>
+__device__ __forceinline__ float load_float<float>(const float* p) { return __ldg(p); }
+template <>
+__device__ __forceinline__ float load_float<__half>(const __half* p) { return __half2float(*p); }
+template <>
+__device__ __forceinline__ float load_float<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+template <typename T>
+__device__ __forceinline__ void store_float(T* p, float v);
+template <>
+__device__ __forceinline__ void store_float<float>(float* p, float v) { *p = v; }
+template <>
+__device__ __forceinline__ void store_float<__half>(__half* p, float v) { *p = __float2half(v); }
+template <>
+__device__ __forceinline__ void store_float<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+struct DotTile {
+  float a[kTileK][kTile];
+  float b[kTileK][kTile];
+  float sq_a[kTile];  // squared norms of the tile's a rows
+  float sq_b[kTile];  // and of its b rows
+};
+
+// acc[u][v] = <a[a0 + 4*ty + u], b[b0 + 4*tx + v]> (FP32 accumulation), with
+// tx = threadIdx.x % 16, ty = threadIdx.x / 16; rows past the end read as zero.
+// Also leaves the squared norms of the 64 a rows and 64 b rows in t.sq_a / t.sq_b,
+// so no kernel needs a separate pass over the features for their norms.
+// Every thread of the block must call it (it synchronises).
+template <typename T>
+__device__ __forceinline__ void tile_dots(const T* __restrict__ a, int64_t a_rows, int64_t a0,
+                                          const T* __restrict__ b, int64_t b_rows, int64_t b0, int64_t d,
+                                          DotTile& t, float acc[kMicro][kMicro]) {
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+#pragma unroll
+  for (int u = 0; u < kMicro; ++u)
+#pragma unroll
+    for (int v = 0; v < kMicro; ++v) acc[u][v] = 0.f;
+  float sq = 0.f;  // threads 0..63 own a row's squared norm, threads 64..127 a b row's
+  for (int64_t k0 = 0; k0 < d; k0 += kTileK) {
+    for (int l = tid; l < kTile * kTileK; l += kThreads) {
+      const int r = l / kTileK, k = l % kTileK;
+      const int64_t kk = k0 + k, ra = a0 + r, rb = b0 + r;
+      t.a[k][r] = (ra < a_rows && kk < d) ? load_float(a + ra * d + kk) : 0.f;
+      t.b[k][r] = (rb < b_rows && kk < d) ? load_float(b + rb * d + kk) : 0.f;
+    }
+    __syncthreads();
+    if (tid < kTile) {
+#pragma unroll
+      for (int k = 0; k < kTileK; ++k) sq = fmaf(t.a[k][tid], t.a[k][tid], sq);
+    } else if (tid < 2 * kTile) {
+#pragma unroll
+      for (int k = 0; k < kTileK; ++k) sq = fmaf(t.b[k][tid - kTile], t.b[k][tid - kTile], sq);
+    }
+#pragma unroll
+    for (int k = 0; k < kTileK; ++k) {
+      float av[kMicro], bv[kMicro];
+#pragma unroll
+      for (int u = 0; u < kMicro; ++u) av[u] = t.a[k][ty * kMicro + u];
+#pragma unroll
+      for (int v = 0; v < kMicro; ++v) bv[v] = t.b[k][tx * kMicro + v];
+#pragma unroll
+      for (int u = 0; u < kMicro; ++u)
+#pragma unroll
+        for (int v = 0; v < kMicro; ++v) acc[u][v] = fmaf(av[u], bv[v], acc[u][v]);
+    }
+    __syncthreads();
+  }
+  if (tid < kTile) t.sq_a[tid] = sq;
+  else if (tid < 2 * kTile) t.sq_b[tid - kTile] = sq;
+  __syncthreads();
+}
+
+// Sum over the 16 lanes (tx = 0..15) that share a tile row. All 32 lanes of the warp must call it.
+__device__ __forceinline__ float row_lanes_sum(float v) {
+#pragma unroll
+  for (int offset = 8; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ bool row_lanes_any(bool v) {
+  int bits = v ? 1 : 0;
+#pragma unroll
+  for (int offset = 8; offset > 0; offset >>= 1) bits |= __shfl_xor_sync(0xffffffffu, bits, offset);
+  return bits != 0;
+}
+
+// Merge of online log-sum-exps across the 16 lanes of a row; lane tx = 0 ends with the
+// merge in lane order (so the result does not depend on scheduling).
+__device__ __forceinline__ void row_lanes_merge(OnlineLSE<float>& s) {
+#pragma unroll
+  for (int offset = 1; offset < 16; offset <<= 1) {
+    const float other_max = __shfl_down_sync(0xffffffffu, s.max, offset);
+    const float other_sum = __shfl_down_sync(0xffffffffu, s.sum, offset);
+    if ((threadIdx.x % 16) % (2 * offset) == 0) s.merge(other_max, other_sum);
+  }
+}
+
+inline int blocks_for(int64_t count, int per_block) { return static_cast<int>((count + per_block - 1) / per_block); }
+
+}  // namespace cuda
+}  // namespace reid_ext
