@@ -1,0 +1,383 @@
+"""cosine_similarity and unified_triplet_loss against the plain-PyTorch reference."""
+import math
+
+import pytest
+import torch
+
+import reid_ext
+from reid_ext import reference
+from conftest import CUDA, DEVICES, LAYOUTS, make_labels
+
+MODES = ["all", "cross", "intra"]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def features(n, d, gen, device, dtype=torch.float64, requires_grad=True):
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def value_and_grads(fn, inputs, *args, **kwargs):
+    """fn's output and the gradients of a fixed random projection of it w.r.t. inputs."""
+    out = fn(*args, **kwargs)
+    weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    grads = torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True) if out.numel() else [None] * len(inputs)
+    return out.detach(), grads
+
+
+def assert_close_all(a, b, **tol):
+    (va, ga), (vb, gb) = a, b
+    torch.testing.assert_close(va, vb, **tol)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, **tol)
+
+
+# ---------------------------------------------------------------- cosine_similarity
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_y", [False, True])
+def test_cosine_similarity_matches_reference(device, with_y, gen):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x = features(37, 19, gen, device, dtype)
+    with torch.no_grad():
+        x[3] = 0.0  # a zero row exercises the eps clamp
+    y = features(70, 19, gen, device, dtype) if with_y else None
+    inputs = [x] + ([y] if with_y else [])
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    assert_close_all(
+        value_and_grads(reid_ext.cosine_similarity, inputs, x, y),
+        value_and_grads(reference.cosine_similarity, inputs, x, y),
+        **tol,
+    )
+
+
+def test_cosine_similarity_gradcheck(gen):
+    x = features(6, 5, gen, "cpu")
+    y = features(4, 5, gen, "cpu")
+    assert torch.autograd.gradcheck(lambda a, b: reid_ext.cosine_similarity(a, b), (x, y))
+    assert torch.autograd.gradcheck(lambda a: reid_ext.cosine_similarity(a), (x,))
+
+
+# ---------------------------------------------------------------- unified_triplet_loss
+
+
+def unified_case(n, d, gen, device, layout, mode, dtype=torch.float64):
+    x = features(n, d, gen, device, dtype)
+    labels = make_labels(layout, n, gen).to(device)
+    modalities = torch.randint(0, 2, (n,), generator=gen).to(device)
+    return x, labels, modalities
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_unified_matches_reference(device, layout, mode, reduction, gen):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x, labels, modalities = unified_case(45, 24, gen, device, layout, mode, dtype)
+    kwargs = dict(gamma=8.0, margin=0.3, modalities=modalities, mode=mode, reduction=reduction)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    assert_close_all(
+        value_and_grads(reid_ext.unified_triplet_loss, [x], x, labels, **kwargs),
+        value_and_grads(reference.unified_triplet_loss, [x], x, labels, **kwargs),
+        **tol,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ref_requires_grad", [False, True])
+def test_unified_reference_bank(device, mode, ref_requires_grad, gen):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x, labels, modalities = unified_case(33, 16, gen, device, "pk", mode, dtype)
+    bank = features(150, 16, gen, device, dtype, requires_grad=ref_requires_grad)
+    bank_labels = torch.randint(0, 12, (150,), generator=gen).to(device)
+    bank_modalities = torch.randint(0, 2, (150,), generator=gen).to(device)
+    kwargs = dict(gamma=16.0, modalities=modalities, mode=mode, ref=bank, ref_labels=bank_labels,
+                  ref_modalities=bank_modalities, reduction="none")
+    inputs = [x, bank] if ref_requires_grad else [x]
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    ours = value_and_grads(reid_ext.unified_triplet_loss, inputs, x, labels, **kwargs)
+    assert_close_all(ours, value_and_grads(reference.unified_triplet_loss, inputs, x, labels, **kwargs), **tol)
+    if not ref_requires_grad:
+        loss = reid_ext.unified_triplet_loss(x, labels, **kwargs).sum()
+        assert loss.grad_fn is not None and not bank.requires_grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unified_gradcheck(mode, gen):
+    x, labels, modalities = unified_case(10, 5, gen, "cpu", "pk", mode)
+    bank = features(7, 5, gen, "cpu")
+    bank_labels = torch.randint(0, 4, (7,), generator=gen)
+    bank_modalities = torch.randint(0, 2, (7,), generator=gen)
+
+    def batch(a):
+        return reid_ext.unified_triplet_loss(a, labels, gamma=3.0, modalities=modalities, mode=mode, reduction="none")
+
+    def with_bank(a, b):
+        return reid_ext.unified_triplet_loss(a, labels, gamma=3.0, modalities=modalities, mode=mode, ref=b,
+                                             ref_labels=bank_labels, ref_modalities=bank_modalities)
+
+    assert torch.autograd.gradcheck(batch, (x,))
+    assert torch.autograd.gradcheck(with_bank, (x, bank))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unified_large_gamma_stays_finite(device, gen):
+    x, labels, _ = unified_case(32, 8, gen, device, "pk", "all", torch.float32)
+    loss = reid_ext.unified_triplet_loss(x, labels, gamma=1000.0)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert torch.isfinite(x.grad).all()
+    expected = reference.unified_triplet_loss(x.detach().double(), labels, gamma=1000.0)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unified_nan_feature_gives_nan_loss(device, gen):
+    x, labels, _ = unified_case(16, 8, gen, device, "pk", "all", torch.float32)
+    with torch.no_grad():
+        x[5, 2] = float("nan")
+    assert torch.isnan(reid_ext.unified_triplet_loss(x, labels))
+    assert torch.isnan(reid_ext.cosine_similarity(x)[5]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_unified_empty_batch_is_zero(device, reduction):
+    x = torch.zeros(0, 8, device=device, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long, device=device)
+    loss = reid_ext.unified_triplet_loss(x, labels, reduction=reduction)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert x.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unified_no_valid_anchor_is_zero(device, gen):
+    x, _, _ = unified_case(12, 8, gen, device, "all_distinct", "all", torch.float32)
+    loss = reid_ext.unified_triplet_loss(x, torch.arange(12, device=device))
+    loss.backward()
+    assert loss.item() == 0.0 and (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device, gen):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    tol = {} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-5}
+    x = features(24, 40, gen, device, dtype, requires_grad=False)[:, ::2].requires_grad_(True)
+    labels = (torch.arange(48, device=device) // 4)[::2]
+    assert not x.is_contiguous() and not labels.is_contiguous()
+    x_c = x.detach().contiguous().requires_grad_(True)
+    assert_close_all(
+        value_and_grads(reid_ext.unified_triplet_loss, [x], x, labels, gamma=4.0),
+        value_and_grads(reference.unified_triplet_loss, [x_c], x_c, labels.contiguous(), gamma=4.0),
+        **tol,
+    )
+    assert_close_all(
+        value_and_grads(reid_ext.cosine_similarity, [x], x, x.t().contiguous().t()),
+        value_and_grads(reference.cosine_similarity, [x_c], x_c, x_c),
+        **tol,
+    )
+
+
+def test_loss_module_matches_function(gen):
+    x, labels, _ = unified_case(20, 8, gen, "cpu", "pk", "all")
+    module = reid_ext.losses.UnifiedTripletLoss(gamma=10.0, margin=0.2)
+    torch.testing.assert_close(module(x, labels), reference.unified_triplet_loss(x, labels, gamma=10.0, margin=0.2))
+    assert "gamma=10.0" in repr(module)
+
+
+# ---------------------------------------------------------------- torch.library / torch.compile
+
+
+def _opcheck_cases(device):
+    gen = torch.Generator().manual_seed(1)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x = torch.randn(12, 6, generator=gen, dtype=dtype).to(device).requires_grad_(True)
+    y = torch.randn(9, 6, generator=gen, dtype=dtype).to(device).requires_grad_(True)
+    labels = (torch.arange(12) // 3).to(device)
+    mods = (torch.arange(12) % 2).to(device)
+    ref_labels = (torch.arange(9) % 4).to(device)
+    ref_mods = (torch.arange(9) % 2).to(device)
+    ops = torch.ops.reid_ext
+    loss, valid, lse_neg, lse_pos = ops.unified_triplet_loss(x.detach(), labels, mods, y.detach(), ref_labels,
+                                                             ref_mods, 4.0, 0.25, 1)
+    sim = ops.cosine_similarity(x.detach(), y.detach(), 1e-12)
+    return [
+        (ops.cosine_similarity.default, (x, y, 1e-12)),
+        (ops.cosine_similarity.default, (x, None, 1e-12)),
+        (ops._cosine_similarity_backward.default, (torch.ones_like(sim), sim, x.detach(), y.detach(), 1e-12)),
+        (ops.unified_triplet_loss.default, (x, labels, None, None, None, None, 4.0, 0.25, 0)),
+        (ops.unified_triplet_loss.default, (x, labels, mods, y, ref_labels, ref_mods, 4.0, 0.25, 1)),
+        (ops._unified_triplet_loss_backward.default,
+         (torch.ones_like(loss), x.detach(), labels, mods, y.detach(), ref_labels, ref_mods, valid, lse_neg, lse_pos,
+          4.0, 0.25, 1, True)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device, gen):
+    x, labels, modalities = unified_case(24, 16, gen, device, "pk", "cross", torch.float32)
+
+    def step(features):
+        sim = reid_ext.cosine_similarity(features)
+        return reid_ext.unified_triplet_loss(features, labels, modalities=modalities, mode="cross") + sim.mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    assert_close_all(value_and_grads(compiled, [x], x), value_and_grads(step, [x], x), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_inductor_cpu(gen):
+    x, labels, _ = unified_case(16, 8, gen, "cpu", "pk", "all", torch.float32)
+    compiled = torch.compile(lambda f: reid_ext.unified_triplet_loss(f, labels), fullgraph=True)
+    assert_close_all(
+        value_and_grads(compiled, [x], x),
+        value_and_grads(reid_ext.unified_triplet_loss, [x], x, labels),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+# ---------------------------------------------------------------- half precision on CUDA
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_error_within_twice_eager(dtype, gen):
+    x64, labels, modalities = unified_case(128, 64, gen, "cuda", "pk", "cross", torch.float64)
+    kwargs = dict(modalities=modalities, mode="cross", reduction="none")
+    exact, exact_grad = value_and_grads(reference.unified_triplet_loss, [x64], x64, labels, **kwargs)
+    x = x64.detach().to(dtype).requires_grad_(True)
+    ours, ours_grad = value_and_grads(reid_ext.unified_triplet_loss, [x], x, labels, **kwargs)
+    eager, eager_grad = value_and_grads(reference.unified_triplet_loss, [x], x, labels, **kwargs)
+
+    def err(a, b):
+        return (a.double() - b).abs().max().item()
+
+    assert ours.dtype == dtype
+    assert err(ours, exact) <= 2 * err(eager, exact) + 1e-6
+    assert err(ours_grad[0], exact_grad[0]) <= 2 * err(eager_grad[0], exact_grad[0]) + 1e-6
+    sim_exact = reference.cosine_similarity(x64.detach())
+    assert err(reid_ext.cosine_similarity(x.detach()), sim_exact) <= 2 * err(
+        reference.cosine_similarity(x.detach()), sim_exact) + 1e-6
+
+
+@CUDA
+def test_cuda_matches_cpu_large(gen):
+    """Sizes that exercise the split reference range and several tiles on the GPU."""
+    x, labels, _ = unified_case(300, 96, gen, "cpu", "pk", "all", torch.float32)
+    bank = features(5000, 96, gen, "cpu", torch.float32)
+    bank_labels = torch.randint(0, 75, (5000,), generator=gen)
+    cpu = value_and_grads(reid_ext.unified_triplet_loss, [x, bank], x, labels, ref=bank, ref_labels=bank_labels,
+                          reduction="none")
+    xc, bc = (t.detach().cuda().requires_grad_(True) for t in (x, bank))
+    gpu = value_and_grads(reid_ext.unified_triplet_loss, [xc, bc], xc, labels.cuda(), ref=bc,
+                          ref_labels=bank_labels.cuda(), reduction="none")
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-4, atol=1e-4)
+    for g, c in zip(gpu[1], cpu[1]):
+        torch.testing.assert_close(g.cpu(), c, rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD_UNIFIED = [
+    (dict(x=torch.randn(4)), "x must be a 2-D"),
+    (dict(x=torch.randn(4, 0)), "non-empty feature dimension"),
+    (dict(x=torch.randint(0, 3, (4, 3))), "x must be one of"),
+    (dict(labels=torch.zeros(5, dtype=torch.long)), "labels has 5 entries but x has 4"),
+    (dict(labels=torch.zeros(4)), "labels must be an integer"),
+    (dict(labels=torch.zeros(4, 1, dtype=torch.long)), "labels must be a 1-D"),
+    (dict(mode="sideways"), "mode must be one of"),
+    (dict(reduction="avg"), "reduction must be one of"),
+    (dict(gamma=0.0), "gamma must be > 0"),
+    (dict(mode="cross"), "modalities is required"),
+    (dict(modalities=torch.zeros(3, dtype=torch.long)), "modalities has 3 entries"),
+    (dict(ref=torch.randn(6, 3)), "ref_labels is required"),
+    (dict(ref=torch.randn(6, 2), ref_labels=torch.zeros(6, dtype=torch.long)), "ref has D=2 but x has D=3"),
+    (dict(ref=torch.randn(6, 3, dtype=torch.float64), ref_labels=torch.zeros(6, dtype=torch.long)),
+     "ref has dtype torch.float64"),
+    (dict(ref=torch.randn(6, 3), ref_labels=torch.zeros(5, dtype=torch.long)), "ref_labels has 5 entries but ref"),
+    (dict(ref=torch.randn(6, 3), ref_labels=torch.zeros(6, dtype=torch.long), mode="intra",
+          modalities=torch.zeros(4, dtype=torch.long)), "ref_modalities is required"),
+    (dict(ref_labels=torch.zeros(6, dtype=torch.long)), "ref_labels was given without ref"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_UNIFIED)
+def test_unified_bad_input(override, message):
+    args = dict(x=torch.randn(4, 3), labels=torch.zeros(4, dtype=torch.long))
+    args.update(override)
+    x, labels = args.pop("x"), args.pop("labels")
+    for fn in (reid_ext.unified_triplet_loss, reference.unified_triplet_loss):
+        with pytest.raises((ValueError, TypeError), match=message):
+            fn(x, labels, **args)
+
+
+@CUDA
+def test_device_mismatch_is_named():
+    with pytest.raises(ValueError, match="labels is on cpu but x is on cuda"):
+        reid_ext.unified_triplet_loss(torch.randn(4, 3, device="cuda"), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="y is on cpu but x is on cuda"):
+        reid_ext.cosine_similarity(torch.randn(4, 3, device="cuda"), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((torch.randn(3, 4), torch.randn(3, 5)), "y has D=5 but x has D=4"),
+        ((torch.randn(3),), "x must be a 2-D"),
+        ((torch.randn(3, 4), None, 0.0), "eps must be > 0"),
+    ],
+)
+def test_cosine_bad_input(args, message):
+    for fn in (reid_ext.cosine_similarity, reference.cosine_similarity):
+        with pytest.raises((ValueError, TypeError), match=message):
+            fn(*args)
+
+
+def test_op_level_checks_name_the_argument():
+    """The C++ ops check their arguments too, for callers that skip the Python wrappers."""
+    ops = torch.ops.reid_ext
+    with pytest.raises(RuntimeError, match="labels has 3 entries but x has 4"):
+        ops.unified_triplet_loss(torch.randn(4, 3), torch.zeros(3, dtype=torch.long), None, None, None, None,
+                                 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="modalities is required"):
+        ops.unified_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), None, None, None, None,
+                                 1.0, 0.0, 1)
+
+
+# ---------------------------------------------------------------- build
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    names = ["cosine_similarity", "_cosine_similarity_backward", "unified_triplet_loss",
+             "_unified_triplet_loss_backward"]
+    for name in names:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CUDA") == reid_ext.WITH_CUDA, name
+
+
+def test_triplet_identity():
+    """The log-sum-exp form equals the explicit sum over all triplets of an anchor."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    gamma, margin = 2.0, 0.25
+    sim = reference.cosine_similarity(x)
+    expected = []
+    for i in range(10):
+        total = 0.0
+        for n in range(10):
+            for p in range(10):
+                if labels[n] != labels[i] and labels[p] == labels[i] and p != i:
+                    total += math.exp(gamma * (sim[i, n] - sim[i, p] + margin))
+        expected.append(math.log1p(total))
+    got = reid_ext.unified_triplet_loss(x, labels, gamma=gamma, margin=margin, reduction="none")
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
