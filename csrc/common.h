@@ -11,7 +11,7 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HOST_DEVICE_INLINE __host__ __device__ __forceinline__
 #else
-#define HOST_DEVICE_INLINE inline
+#define HOST_DEVICE_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace reid_ext {
@@ -19,10 +19,10 @@ namespace reid_ext {
 // Which references may pair with an anchor, by modality (schema int `mode`).
 enum PairMode : int { kModeAll = 0, kModeCross = 1, kModeIntra = 2 };
 
+// Branch-free, so that CPU element loops vectorize: "cross" wants different
+// modalities, "intra" equal ones, "all" either.
 HOST_DEVICE_INLINE bool modality_allowed(int mode, int64_t anchor_modality, int64_t ref_modality) {
-  if (mode == kModeCross) return anchor_modality != ref_modality;
-  if (mode == kModeIntra) return anchor_modality == ref_modality;
-  return true;
+  return mode == kModeAll || ((mode == kModeCross) == (anchor_modality != ref_modality));
 }
 
 // Pair kind of anchor i and reference j: 0 = not a pair, 1 = positive, -1 = negative.

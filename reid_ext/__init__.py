@@ -11,20 +11,17 @@ import torch
 _REBUILD = "rebuild it against the installed torch: pip install --no-build-isolation -e ."
 
 try:
-    from . import _build_info
-except ImportError as err:  # not built yet
-    raise ImportError(f"reid_ext's compiled extension was never built; {_REBUILD}") from err
-
-if _build_info.TORCH_VERSION != torch.__version__:
-    raise ImportError(
-        f"reid_ext was built for torch {_build_info.TORCH_VERSION} but torch {torch.__version__} is installed; "
-        + _REBUILD
-    )
-
-try:
-    importlib.import_module("reid_ext._C")
+    _C = importlib.import_module("reid_ext._C")
 except ImportError as err:
-    raise ImportError(f"reid_ext's compiled extension reid_ext._C failed to load ({err}); {_REBUILD}") from err
+    raise ImportError(
+        f"reid_ext's compiled extension reid_ext._C is missing or does not load ({err}); "
+        f"it may have been built for another torch than {torch.__version__}; {_REBUILD}"
+    ) from err
+
+if _C.TORCH_VERSION != torch.__version__:
+    raise ImportError(
+        f"reid_ext was built for torch {_C.TORCH_VERSION} but torch {torch.__version__} is installed; {_REBUILD}"
+    )
 
 from . import reference  # noqa: E402
 from .ops import cosine_similarity, unified_triplet_loss  # noqa: E402
@@ -38,7 +35,7 @@ from .reference import (  # noqa: E402
 )
 from . import losses  # noqa: E402
 
-WITH_CUDA = _build_info.WITH_CUDA
+WITH_CUDA = bool(_C.WITH_CUDA)
 
 __version__ = "0.1.0"
 

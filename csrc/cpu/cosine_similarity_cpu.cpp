@@ -12,11 +12,10 @@ namespace {
 template <typename scalar_t>
 void similarity_rows(const at::Tensor& x, const at::Tensor& y, const std::vector<scalar_t>& inv_x,
                      const std::vector<scalar_t>& inv_y, at::Tensor& out) {
-  const int64_t n = x.size(0), m = y.size(0);
-  const int64_t num_blocks = (n + kRowBlock - 1) / kRowBlock;
-  parallel_over_blocks(num_blocks, [&](int64_t begin, int64_t end) {
+  const int64_t n = x.size(0), m = y.size(0), block_size = anchor_block(n);
+  parallel_over((n + block_size - 1) / block_size, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t i0 = block * kRowBlock, rows = std::min(kRowBlock, n - i0);
+      const int64_t i0 = block * block_size, rows = std::min(block_size, n - i0);
       at::Tensor strip = out.narrow(0, i0, rows);
       at::mm_out(strip, x.narrow(0, i0, rows), y.t());
       scalar_t* s = strip.data_ptr<scalar_t>();
@@ -34,14 +33,13 @@ template <typename scalar_t>
 void grad_one_side(const scalar_t* g, const scalar_t* s, int64_t row_stride, int64_t col_stride,
                    const at::Tensor& a, const std::vector<scalar_t>& inv_a, const std::vector<scalar_t>& radial_a,
                    const at::Tensor& b, const std::vector<scalar_t>& inv_b, at::Tensor& grad_a, bool accumulate) {
-  const int64_t rows_total = a.size(0), cols = b.size(0), d = a.size(1);
-  const int64_t num_blocks = (rows_total + kRowBlock - 1) / kRowBlock;
-  parallel_over_blocks(num_blocks, [&](int64_t begin, int64_t end) {
-    at::Tensor coef = at::empty({kRowBlock, cols}, a.options());
-    at::Tensor acc = at::empty({kRowBlock, d}, a.options());
-    std::vector<scalar_t> radial_sum(kRowBlock);
+  const int64_t rows_total = a.size(0), cols = b.size(0), d = a.size(1), block_size = anchor_block(rows_total);
+  parallel_over((rows_total + block_size - 1) / block_size, [&](int64_t begin, int64_t end) {
+    at::Tensor coef = at::empty({block_size, cols}, a.options());
+    at::Tensor acc = at::empty({block_size, d}, a.options());
+    std::vector<scalar_t> radial_sum(block_size);
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t i0 = block * kRowBlock, rows = std::min(kRowBlock, rows_total - i0);
+      const int64_t i0 = block * block_size, rows = std::min(block_size, rows_total - i0);
       scalar_t* c = coef.data_ptr<scalar_t>();
       for (int64_t r = 0; r < rows; ++r) {
         scalar_t radial = 0;

@@ -1,10 +1,12 @@
 // unified_triplet_loss on CPU.
 //
-// Forward: anchor blocks in parallel; each streams tiles of references, takes
-// their dot products with one BLAS call per tile and folds the tile into
-// per-anchor online log-sum-exps. Backward: recomputes the tiles, turns them
-// into dL/dS with the saved statistics and multiplies back. Neither holds more
-// than a tile of the N x M similarity matrix.
+// The references are visited in tiles: one BLAS call gives a tile's dot
+// products, and vectorized element loops fold it into per-anchor online
+// log-sum-exps (forward) or turn it into dL/dS, which two more BLAS calls
+// multiply back (backward). With the batch as its own reference, S is
+// symmetric: each pair of blocks (I, J), I <= J, is computed once and serves
+// anchors I (rows) and J (columns), in rounds of disjoint pairs. Nothing larger
+// than a tile of the N x M similarity matrix is ever held.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -15,80 +17,344 @@ namespace cpu {
 namespace {
 
 constexpr double kNormEps = 1e-12;
+constexpr int64_t kBankTile = 256;  // references per tile against a bank
+constexpr int kLanes = 16;          // independent accumulators, so row reductions vectorize
 
-// Labels and modalities of both sides, and the pair rule between them.
-struct PairRule {
+// One side of a tile: labels, modalities and inverse norms from row `first` on.
+template <typename scalar_t>
+struct Side {
   const int64_t* labels;
-  const int64_t* modalities;
-  const int64_t* ref_labels;
-  const int64_t* ref_modalities;
-  int mode;
-  bool self_ref;
+  const int64_t* modalities;  // for mode "all", which ignores them, any array of the same length
+  const scalar_t* inv;
+};
 
-  int kind(int64_t i, int64_t j) const {
-    return pair_kind(mode, self_ref && i == j, labels[i], ref_labels[j], modalities ? modalities[i] : 0,
-                     ref_modalities ? ref_modalities[j] : 0);
+// Per-anchor running statistics of the forward.
+template <typename scalar_t>
+struct Stats {
+  std::vector<scalar_t> neg_max, neg_sum, pos_max, pos_sum;
+  std::vector<uint8_t> neg_nan, pos_nan;  // a NaN value was folded in: its sum must end NaN
+
+  explicit Stats(int64_t n)
+      : neg_max(n, neg_infinity<scalar_t>()), neg_sum(n, 0), pos_max(n, neg_infinity<scalar_t>()),
+        pos_sum(n, 0), neg_nan(n, 0), pos_nan(n, 0) {}
+};
+
+// Masked pair values of a tile: neg[r, c] = gamma*(s+margin) for negatives,
+// pos[r, c] = -gamma*s for positives, -inf where the pair does not count
+// (r - c == self_shift is an anchor paired with itself).
+template <typename scalar_t>
+REID_EXT_ALWAYS_INLINE void pair_values_impl(const scalar_t* dots, int64_t rows, int64_t cols, int64_t self_shift, Side<scalar_t> a,
+                             Side<scalar_t> b, int mode, scalar_t gamma, scalar_t margin, scalar_t* neg,
+                             scalar_t* pos) {
+  const scalar_t none = neg_infinity<scalar_t>();
+  // modality_allowed() with the mode hoisted out of the loop, in bitwise form.
+  const bool any_modality = mode == kModeAll, want_other = mode == kModeCross;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t label = a.labels[r];
+    const int64_t modality = a.modalities[r];
+    const scalar_t inv_r = a.inv[r];
+    const scalar_t* d = dots + r * cols;
+    scalar_t* nr = neg + r * cols;
+    scalar_t* pr = pos + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
+      const scalar_t s = d[c] * inv_r * b.inv[c];
+      // Every load unconditional and no short-circuit: the loop must if-convert to vectorize.
+      const int64_t label_c = b.labels[c], modality_c = b.modalities[c];
+      const bool allowed = (r - c != self_shift) & (any_modality | (want_other == (modality != modality_c)));
+      const bool same = label == label_c;
+      nr[c] = (allowed && !same) ? gamma * (s + margin) : none;
+      pr[c] = (allowed && same) ? -gamma * s : none;
+    }
+  }
+}
+
+// Folds each row of values[rows, cols] into the running (max, sum) of anchor first + r.
+template <typename scalar_t>
+REID_EXT_ALWAYS_INLINE void fold_rows_impl(const scalar_t* values, int64_t rows, int64_t cols, scalar_t* run_max, scalar_t* run_sum,
+                           uint8_t* run_nan) {
+  const scalar_t none = neg_infinity<scalar_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* v = values + r * cols;
+    scalar_t lane_max[kLanes];
+    int lane_nan[kLanes];
+    for (int l = 0; l < kLanes; ++l) lane_max[l] = none, lane_nan[l] = 0;
+    const int64_t body = cols - cols % kLanes;
+    for (int64_t c0 = 0; c0 < body; c0 += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const scalar_t x = v[c0 + l];
+        lane_max[l] = x > lane_max[l] ? x : lane_max[l];
+        lane_nan[l] |= x != x;
+      }
+    scalar_t m = none;
+    int has_nan = 0;
+    for (int l = 0; l < kLanes; ++l) m = lane_max[l] > m ? lane_max[l] : m, has_nan |= lane_nan[l];
+    for (int64_t c = body; c < cols; ++c) m = v[c] > m ? v[c] : m, has_nan |= v[c] != v[c];
+    run_nan[r] |= has_nan;
+    if (m == none) continue;  // no pair (or only NaN pairs, which run_nan keeps) in this tile
+    scalar_t lane_sum[kLanes] = {};
+    for (int64_t c0 = 0; c0 < body; c0 += kLanes)
+      for (int l = 0; l < kLanes; ++l) lane_sum[l] += vexp(v[c0 + l] - m);
+    scalar_t sum = 0;
+    for (int l = 0; l < kLanes; ++l) sum += lane_sum[l];
+    for (int64_t c = body; c < cols; ++c) sum += vexp(v[c] - m);
+    OnlineLSE<scalar_t> lse;
+    lse.max = run_max[r];
+    lse.sum = run_sum[r];
+    lse.merge(m, sum);
+    run_max[r] = lse.max;
+    run_sum[r] = lse.sum;
+  }
+}
+
+// The same for each column of values[rows, cols] (anchors of the J block of a symmetric pair).
+template <typename scalar_t>
+REID_EXT_ALWAYS_INLINE void fold_cols_impl(const scalar_t* values, int64_t rows, int64_t cols, scalar_t* run_max, scalar_t* run_sum,
+                           uint8_t* run_nan, scalar_t* col_max, scalar_t* col_sum) {
+  const scalar_t none = neg_infinity<scalar_t>();
+  for (int64_t c = 0; c < cols; ++c) col_max[c] = none, col_sum[c] = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const scalar_t x = values[r * cols + c];
+      col_max[c] = x > col_max[c] ? x : col_max[c];
+      run_nan[c] |= x != x;
+    }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const scalar_t m = col_max[c];
+      col_sum[c] += m == none ? scalar_t(0) : vexp(values[r * cols + c] - m);
+    }
+  for (int64_t c = 0; c < cols; ++c) {
+    if (col_max[c] == none) continue;
+    OnlineLSE<scalar_t> lse;
+    lse.max = run_max[c];
+    lse.sum = run_sum[c];
+    lse.merge(col_max[c], col_sum[c]);
+    run_max[c] = lse.max;
+    run_sum[c] = lse.sum;
+  }
+}
+
+// Per-anchor factors of dL/dS: weight w = grad * sigmoid(LSE_neg + LSE_pos) (0 if invalid),
+// and the shifts that the exponentials subtract: LSE_neg / LSE_pos, or +inf where w = 0 so
+// that exp(...) is 0 rather than 0 * inf.
+template <typename scalar_t>
+struct AnchorGrad {
+  const scalar_t* weight;
+  const scalar_t* shift_neg;
+  const scalar_t* shift_pos;
+};
+
+// g[r, c] = dL/dS of the tile's pairs: (anchor r, reference c) with kRows, plus
+// (anchor c, reference r) with kCols; radial_rows[r] += sum_c g*s and, with
+// kRadialCols, radial_cols[c] += sum_r g*s. The flags are template arguments so
+// that the element loop has no branches and vectorizes.
+template <typename scalar_t, bool kRows, bool kCols, bool kRadialCols>
+REID_EXT_ALWAYS_INLINE void pair_grads_impl(const scalar_t* dots, int64_t rows_n, int64_t cols_n, int64_t self_shift,
+                                            Side<scalar_t> a, Side<scalar_t> b, const AnchorGrad<scalar_t>* rows,
+                                            const AnchorGrad<scalar_t>* cols, int mode, scalar_t gamma,
+                                            scalar_t margin, scalar_t* g, scalar_t* radial_rows,
+                                            scalar_t* radial_cols) {
+  const bool any_modality = mode == kModeAll, want_other = mode == kModeCross;  // as in pair_values_impl
+  for (int64_t r = 0; r < rows_n; ++r) {
+    const int64_t label = a.labels[r];
+    const int64_t modality = a.modalities[r];
+    const scalar_t inv_r = a.inv[r];
+    const scalar_t w_r = kRows ? rows->weight[r] : scalar_t(0);
+    const scalar_t neg_r = kRows ? rows->shift_neg[r] : scalar_t(0);
+    const scalar_t pos_r = kRows ? rows->shift_pos[r] : scalar_t(0);
+    const scalar_t* d = dots + r * cols_n;
+    scalar_t* gr = g + r * cols_n;
+    scalar_t radial = 0;
+    for (int64_t c = 0; c < cols_n; ++c) {
+      const scalar_t s = d[c] * inv_r * b.inv[c];
+      // Every load unconditional and no short-circuit: the loop must if-convert to vectorize.
+      const int64_t label_c = b.labels[c], modality_c = b.modalities[c];
+      const bool allowed = (r - c != self_shift) & (any_modality | (want_other == (modality != modality_c)));
+      const bool same = label == label_c;
+      const scalar_t neg_arg = gamma * (s + margin), pos_arg = -gamma * s;
+      scalar_t value = 0;
+      if (kRows) {
+        const scalar_t e = vexp(same ? pos_arg - pos_r : neg_arg - neg_r);
+        value += (same ? -w_r : w_r) * gamma * e;
+      }
+      if (kCols) {  // loads hoisted out of the selects, so that they if-convert
+        const scalar_t w_c = cols->weight[c], neg_c = cols->shift_neg[c], pos_c = cols->shift_pos[c];
+        const scalar_t e = vexp(same ? pos_arg - pos_c : neg_arg - neg_c);
+        value += (same ? -w_c : w_c) * gamma * e;
+      }
+      value = allowed ? value : scalar_t(0);
+      gr[c] = value;
+      radial += value * s;
+      if (kRadialCols) radial_cols[c] += value * s;
+    }
+    radial_rows[r] += radial;
+  }
+}
+
+// The vectorized element loops, compiled per ISA (see REID_EXT_CPU_CLONES).
+#define REID_EXT_ELEMENT_LOOPS(T)                                                                                 \
+  REID_EXT_CPU_CLONES void pair_values(const T* dots, int64_t rows, int64_t cols, int64_t self_shift, Side<T> a,       \
+                                       Side<T> b, int mode, T gamma, T margin, T* neg, T* pos) {                  \
+    pair_values_impl<T>(dots, rows, cols, self_shift, a, b, mode, gamma, margin, neg, pos);                         \
+  }                                                                                                               \
+  REID_EXT_CPU_CLONES void fold_rows(const T* values, int64_t rows, int64_t cols, T* run_max, T* run_sum,          \
+                                     uint8_t* run_nan) {                                                          \
+    fold_rows_impl<T>(values, rows, cols, run_max, run_sum, run_nan);                                             \
+  }                                                                                                               \
+  REID_EXT_CPU_CLONES void fold_cols(const T* values, int64_t rows, int64_t cols, T* run_max, T* run_sum,          \
+                                     uint8_t* run_nan, T* col_max, T* col_sum) {                                  \
+    fold_cols_impl<T>(values, rows, cols, run_max, run_sum, run_nan, col_max, col_sum);                           \
+  }                                                                                                               \
+  REID_EXT_CPU_CLONES void pair_grads(const T* dots, int64_t rows_n, int64_t cols_n, int64_t self_shift, Side<T> a, \
+                                      Side<T> b, const AnchorGrad<T>* rows, const AnchorGrad<T>* cols, int mode,  \
+                                      T gamma, T margin, T* g, T* radial_rows, T* radial_cols) {                  \
+    if (rows && cols && radial_cols)                                                                              \
+      pair_grads_impl<T, true, true, true>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma,       \
+                                           margin, g, radial_rows, radial_cols);                                  \
+    else if (rows && cols)                                                                                        \
+      pair_grads_impl<T, true, true, false>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma,      \
+                                            margin, g, radial_rows, radial_cols);                                 \
+    else if (rows)                                                                                                \
+      pair_grads_impl<T, true, false, false>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma,     \
+                                             margin, g, radial_rows, radial_cols);                                \
+    else                                                                                                          \
+      pair_grads_impl<T, false, true, false>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma,     \
+                                             margin, g, radial_rows, radial_cols);                                \
+  }
+REID_EXT_ELEMENT_LOOPS(float)
+REID_EXT_ELEMENT_LOOPS(double)
+#undef REID_EXT_ELEMENT_LOOPS
+
+// Everything the tile loops need about one problem.
+template <typename scalar_t>
+struct Problem {
+  const UnifiedInputs& in;
+  int mode;
+  scalar_t gamma, margin;
+  std::vector<scalar_t> inv_x, inv_ref;
+
+  Problem(const UnifiedInputs& inputs, int64_t mode_, double gamma_, double margin_)
+      : in(inputs), mode(static_cast<int>(mode_)), gamma(scalar_t(gamma_)), margin(scalar_t(margin_)) {
+    inverse_norms<scalar_t>(in.x, scalar_t(kNormEps), inv_x, nullptr);
+    if (!in.self_ref) inverse_norms<scalar_t>(in.ref, scalar_t(kNormEps), inv_ref, nullptr);
+  }
+
+  const std::vector<scalar_t>& ref_inv() const { return in.self_ref ? inv_x : inv_ref; }
+
+  Side<scalar_t> anchors(int64_t first) const {
+    const int64_t* labels = in.labels.data_ptr<int64_t>();
+    const int64_t* modalities = in.modalities.defined() ? in.modalities.data_ptr<int64_t>() : labels;
+    return {labels + first, modalities + first, inv_x.data() + first};
+  }
+
+  Side<scalar_t> references(int64_t first) const {
+    const int64_t* labels = in.ref_labels.data_ptr<int64_t>();
+    const int64_t* modalities = in.ref_modalities.defined() ? in.ref_modalities.data_ptr<int64_t>() : labels;
+    return {labels + first, modalities + first, ref_inv().data() + first};
   }
 };
 
-PairRule make_rule(const UnifiedInputs& in, int64_t mode) {
-  return PairRule{in.labels.data_ptr<int64_t>(),
-                  in.modalities.defined() ? in.modalities.data_ptr<int64_t>() : nullptr,
-                  in.ref_labels.data_ptr<int64_t>(),
-                  in.ref_modalities.defined() ? in.ref_modalities.data_ptr<int64_t>() : nullptr,
-                  static_cast<int>(mode), in.self_ref};
+// A tile of the pair matrix: anchors [i0, i0+rows) against references [j0, j0+cols).
+struct Tile {
+  int64_t i0, rows, j0, cols;
+  // A block pair of the batch against itself above the diagonal: S_ji = S_ij and the
+  // pair rule is symmetric, so the tile also serves anchors [j0, j0+cols) as its columns.
+  bool mirrored;
+  // Pair (r, c) is an anchor with itself when r - c == self_shift (never against a bank).
+  int64_t self_shift;
+};
+
+constexpr int64_t kNoSelfPairs = std::numeric_limits<int64_t>::max();
+
+// From this batch size on, the batch against itself visits each block pair once
+// (half the dot products); below it, fewer and larger BLAS calls are faster.
+constexpr int64_t kSymmetricFrom = 1024;
+
+// Calls visit(tile) for every tile the anchors need. Two calls may run at once
+// only if they write to disjoint anchors: rows, and the columns of mirrored tiles.
+template <typename F>
+void for_each_tile(int64_t n, int64_t m, bool self_ref, const F& visit) {
+  if (self_ref && n >= kSymmetricFrom) {
+    const int64_t block = 128, nb = (n + block - 1) / block;
+    for (const auto& round : tile_pair_rounds(nb)) {
+      parallel_over(static_cast<int64_t>(round.size()), [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t i0 = round[t].first * block, j0 = round[t].second * block;
+          visit(Tile{i0, std::min(block, n - i0), j0, std::min(block, n - j0), i0 != j0, j0 - i0});
+        }
+      });
+    }
+    return;
+  }
+  const int64_t block = anchor_block(n);
+  parallel_over((n + block - 1) / block, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t i0 = b * block, rows = std::min(block, n - i0);
+      for (int64_t j0 = 0; j0 < m; j0 += kBankTile) {
+        visit(Tile{i0, rows, j0, std::min(kBankTile, m - j0), false, self_ref ? j0 - i0 : kNoSelfPairs});
+      }
+    }
+  });
 }
 
+// Largest tile for_each_tile visits.
+inline std::pair<int64_t, int64_t> max_tile(int64_t n, bool self_ref) {
+  if (self_ref && n >= kSymmetricFrom) return {128, 128};
+  return {anchor_block(n), kBankTile};
+}
+
+// Thread-local scratch of one tile.
 template <typename scalar_t>
-void forward_impl(const UnifiedInputs& in, scalar_t gamma, scalar_t margin, int64_t mode, at::Tensor& loss,
-                  at::Tensor& valid, at::Tensor& lse_neg, at::Tensor& lse_pos) {
+struct TileScratch {
+  at::Tensor dots;
+  std::vector<scalar_t> a, b, col_a, col_b;
+
+  TileScratch(const at::TensorOptions& options, int64_t rows, int64_t cols)
+      : dots(at::empty({rows * cols}, options)), a(rows * cols), b(rows * cols), col_a(cols), col_b(cols) {}
+};
+
+template <typename scalar_t>
+void forward_impl(const Problem<scalar_t>& pb, at::Tensor& loss, at::Tensor& valid, at::Tensor& lse_neg,
+                  at::Tensor& lse_pos) {
+  const UnifiedInputs& in = pb.in;
   const int64_t n = in.x.size(0), m = in.ref.size(0);
-  std::vector<scalar_t> inv_x, inv_ref;
-  inverse_norms<scalar_t>(in.x, scalar_t(kNormEps), inv_x, nullptr);
-  if (in.self_ref) inv_ref = inv_x;
-  else inverse_norms<scalar_t>(in.ref, scalar_t(kNormEps), inv_ref, nullptr);
-  const PairRule rule = make_rule(in, mode);
+  const auto tile_size = max_tile(n, in.self_ref);
+  Stats<scalar_t> st(n);
+  // One scratch per worker thread, indexed by the thread that runs the tile.
+  std::vector<std::unique_ptr<TileScratch<scalar_t>>> scratch(at::get_num_threads());
+  for_each_tile(n, m, in.self_ref, [&](const Tile& t) {
+    auto& s = scratch[at::get_thread_num()];
+    if (!s) s = std::make_unique<TileScratch<scalar_t>>(in.x.options(), tile_size.first, tile_size.second);
+    const scalar_t* dots = tile_dots(s->dots, in.x, t.i0, t.rows, in.ref, t.j0, t.cols).template data_ptr<scalar_t>();
+    const Side<scalar_t> refs = in.self_ref ? pb.anchors(t.j0) : pb.references(t.j0);
+    pair_values(dots, t.rows, t.cols, t.self_shift, pb.anchors(t.i0), refs, pb.mode, pb.gamma, pb.margin,
+                s->a.data(), s->b.data());
+    const int64_t i0 = t.i0, j0 = t.j0;
+    fold_rows(s->a.data(), t.rows, t.cols, st.neg_max.data() + i0, st.neg_sum.data() + i0, st.neg_nan.data() + i0);
+    fold_rows(s->b.data(), t.rows, t.cols, st.pos_max.data() + i0, st.pos_sum.data() + i0, st.pos_nan.data() + i0);
+    if (t.mirrored) {
+      fold_cols(s->a.data(), t.rows, t.cols, st.neg_max.data() + j0, st.neg_sum.data() + j0, st.neg_nan.data() + j0,
+                s->col_a.data(), s->col_b.data());
+      fold_cols(s->b.data(), t.rows, t.cols, st.pos_max.data() + j0, st.pos_sum.data() + j0, st.pos_nan.data() + j0,
+                s->col_a.data(), s->col_b.data());
+    }
+  });
   scalar_t* loss_out = loss.data_ptr<scalar_t>();
   bool* valid_out = valid.data_ptr<bool>();
   scalar_t* neg_out = lse_neg.data_ptr<scalar_t>();
   scalar_t* pos_out = lse_pos.data_ptr<scalar_t>();
-
-  parallel_over_blocks((n + kRowBlock - 1) / kRowBlock, [&](int64_t begin, int64_t end) {
-    at::Tensor scratch = at::empty({kRowBlock * kColBlock}, in.x.options());
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t i0 = block * kRowBlock, rows = std::min(kRowBlock, n - i0);
-      OnlineLSE<scalar_t> neg[kRowBlock], pos[kRowBlock];
-      bool has_neg[kRowBlock] = {}, has_pos[kRowBlock] = {};
-      for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {
-        const int64_t cols = std::min(kColBlock, m - j0);
-        const scalar_t* dots = tile_dots(scratch, in.x, i0, rows, in.ref, j0, cols).data_ptr<scalar_t>();
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r;
-          for (int64_t c = 0; c < cols; ++c) {
-            const int64_t j = j0 + c;
-            const int kind = rule.kind(i, j);
-            if (kind == 0) continue;
-            const scalar_t s = dots[r * cols + c] * inv_x[i] * inv_ref[j];
-            if (kind < 0) {
-              neg[r].push(gamma * (s + margin));
-              has_neg[r] = true;
-            } else {
-              pos[r].push(-gamma * s);
-              has_pos[r] = true;
-            }
-          }
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r;
-        const bool ok = has_neg[r] && has_pos[r];
-        neg_out[i] = neg[r].value();
-        pos_out[i] = pos[r].value();
-        valid_out[i] = ok;
-        loss_out[i] = unified_anchor_loss(neg_out[i], pos_out[i], ok);
-      }
-    }
-  });
+  const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN(), none = neg_infinity<scalar_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const bool has_neg = st.neg_nan[i] || st.neg_max[i] != none;
+    const bool has_pos = st.pos_nan[i] || st.pos_max[i] != none;
+    OnlineLSE<scalar_t> neg, pos;
+    neg.max = st.neg_max[i], neg.sum = st.neg_sum[i];
+    pos.max = st.pos_max[i], pos.sum = st.pos_sum[i];
+    neg_out[i] = st.neg_nan[i] ? nan : neg.value();
+    pos_out[i] = st.pos_nan[i] ? nan : pos.value();
+    valid_out[i] = has_neg && has_pos;
+    loss_out[i] = unified_anchor_loss(neg_out[i], pos_out[i], valid_out[i]);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_cpu(
@@ -102,72 +368,100 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_
   at::Tensor lse_neg = at::empty({n}, in.x.options());
   at::Tensor lse_pos = at::empty({n}, in.x.options());
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_cpu", [&] {
-    forward_impl<scalar_t>(in, scalar_t(gamma), scalar_t(margin), mode, loss, valid, lse_neg, lse_pos);
+    const Problem<scalar_t> pb(in, mode, gamma, margin);
+    forward_impl<scalar_t>(pb, loss, valid, lse_neg, lse_pos);
   });
   return {loss, valid, lse_neg, lse_pos};
 }
 
-// Gradient of one side. With rows = anchors it is grad_x (and, for the batch
-// as its own reference, dL/dS_ij + dL/dS_ji, since S is symmetric there); with
-// rows = references it is grad_ref, a column reduction of dL/dS.
+// grad[i] = inv_i * acc[i] - a_i * radial_scale_i * radial[i]: the normalization
+// Jacobian applied to acc[i] = sum_j dL/dS_ij inv_j b_j, in place.
 template <typename scalar_t>
-void backward_side(const UnifiedInputs& in, const PairRule& rule, const std::vector<scalar_t>& weight,
-                   const scalar_t* lse_neg, const scalar_t* lse_pos, scalar_t gamma, scalar_t margin,
-                   bool rows_are_anchors, at::Tensor& grad) {
-  const at::Tensor& a = rows_are_anchors ? in.x : in.ref;
-  const at::Tensor& b = rows_are_anchors ? in.ref : in.x;
-  const int64_t rows_total = a.size(0), cols_total = b.size(0), d = a.size(1);
-  std::vector<scalar_t> inv_a, radial_a, inv_b;
-  inverse_norms<scalar_t>(a, scalar_t(kNormEps), inv_a, &radial_a);
-  if (in.self_ref) inv_b = inv_a;
-  else inverse_norms<scalar_t>(b, scalar_t(kNormEps), inv_b, nullptr);
-  scalar_t* out = grad.data_ptr<scalar_t>();
+void apply_normalization(const at::Tensor& a, const std::vector<scalar_t>& radial, at::Tensor& grad) {
+  std::vector<scalar_t> inv, radial_scale;
+  inverse_norms<scalar_t>(a, scalar_t(kNormEps), inv, &radial_scale);
+  const int64_t d = a.size(1);
   const scalar_t* a_data = a.data_ptr<scalar_t>();
+  scalar_t* out = grad.data_ptr<scalar_t>();
+  at::parallel_for(0, a.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t scale = inv[i], shrink = radial_scale[i] * radial[i];
+      for (int64_t k = 0; k < d; ++k) out[i * d + k] = scale * out[i * d + k] - shrink * a_data[i * d + k];
+    }
+  });
+}
 
-  auto pair_grad = [&](int64_t anchor, int64_t reference, scalar_t s) {
-    return unified_pair_grad(rule.kind(anchor, reference), s, weight[anchor], lse_neg[anchor], lse_pos[anchor],
-                             gamma, margin);
+// grad_x, and grad_ref when asked: acc_I += (g * inv_J) @ B_J per tile, then the Jacobian.
+template <typename scalar_t>
+void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const bool* valid,
+                   const scalar_t* lse_neg, const scalar_t* lse_pos, at::Tensor& grad_x, at::Tensor* grad_ref) {
+  const UnifiedInputs& in = pb.in;
+  const int64_t n = in.x.size(0), m = in.ref.size(0);
+  std::vector<scalar_t> weight(n), shift_neg(n), shift_pos(n);
+  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    weight[i] = unified_anchor_weight(grad_loss[i], lse_neg[i], lse_pos[i], valid[i]);
+    shift_neg[i] = weight[i] == scalar_t(0) ? inf : lse_neg[i];
+    shift_pos[i] = weight[i] == scalar_t(0) ? inf : lse_pos[i];
+  }
+  auto anchor_grad = [&](int64_t first) {
+    return AnchorGrad<scalar_t>{weight.data() + first, shift_neg.data() + first, shift_pos.data() + first};
   };
+  const auto tile_size = max_tile(n, in.self_ref);
+  std::vector<scalar_t> radial_x(n, 0), radial_ref(grad_ref ? m : 0, 0);
+  std::vector<std::unique_ptr<TileScratch<scalar_t>>> scratch(at::get_num_threads());
+  grad_x.zero_();
+  if (grad_ref) grad_ref->zero_();
 
-  parallel_over_blocks((rows_total + kRowBlock - 1) / kRowBlock, [&](int64_t begin, int64_t end) {
-    at::Tensor scratch = at::empty({kRowBlock * kColBlock}, a.options());
-    at::Tensor coef = at::empty({kRowBlock, kColBlock}, a.options());
-    at::Tensor acc = at::empty({kRowBlock, d}, a.options());
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t i0 = block * kRowBlock, rows = std::min(kRowBlock, rows_total - i0);
-      scalar_t radial_sum[kRowBlock] = {};
-      at::Tensor acc_rows = acc.narrow(0, 0, rows);
-      acc_rows.zero_();
-      for (int64_t j0 = 0; j0 < cols_total; j0 += kColBlock) {
-        const int64_t cols = std::min(kColBlock, cols_total - j0);
-        const scalar_t* dots = tile_dots(scratch, a, i0, rows, b, j0, cols).data_ptr<scalar_t>();
-        at::Tensor coef_tile = coef.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
-        scalar_t* c = coef_tile.data_ptr<scalar_t>();
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r;
-          scalar_t radial = 0;
-          for (int64_t q = 0; q < cols; ++q) {
-            const int64_t j = j0 + q;
-            const scalar_t s = dots[r * cols + q] * inv_a[i] * inv_b[j];
-            scalar_t g;
-            if (!rows_are_anchors) g = pair_grad(j, i, s);
-            else if (in.self_ref) g = pair_grad(i, j, s) + pair_grad(j, i, s);
-            else g = pair_grad(i, j, s);
-            c[r * cols + q] = g * inv_b[j];
-            radial += g * s;
-          }
-          radial_sum[r] += radial;
-        }
-        acc_rows.addmm_(coef_tile, b.narrow(0, j0, cols));
-      }
-      const scalar_t* p = acc_rows.data_ptr<scalar_t>();
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r;
-        const scalar_t shrink = radial_a[i] * radial_sum[r];
-        for (int64_t k = 0; k < d; ++k) out[i * d + k] = inv_a[i] * p[r * d + k] - shrink * a_data[i * d + k];
+  for_each_tile(n, m, in.self_ref, [&](const Tile& t) {
+    auto& s = scratch[at::get_thread_num()];
+    if (!s) s = std::make_unique<TileScratch<scalar_t>>(in.x.options(), tile_size.first, tile_size.second);
+    const int64_t i0 = t.i0, j0 = t.j0, rows = t.rows, cols = t.cols;
+    const scalar_t* dots = tile_dots(s->dots, in.x, i0, rows, in.ref, j0, cols).template data_ptr<scalar_t>();
+    const Side<scalar_t> a = pb.anchors(i0);
+    const Side<scalar_t> b = in.self_ref ? pb.anchors(j0) : pb.references(j0);
+    const AnchorGrad<scalar_t> row_anchor = anchor_grad(i0), col_anchor = anchor_grad(j0);
+    // For the batch against itself S is symmetric, so x_i receives dL/dS_ij + dL/dS_ji: g carries
+    // both, and a mirrored tile also sends it back to its column anchors. Against a bank, rows are the anchors.
+    pair_grads(dots, rows, cols, t.self_shift, a, b, &row_anchor, in.self_ref ? &col_anchor : nullptr, pb.mode,
+               pb.gamma, pb.margin, s->a.data(), radial_x.data() + i0, t.mirrored ? radial_x.data() + j0 : nullptr);
+    // Row side: acc_I += (g * inv_J) @ B_J.
+    const scalar_t* g = s->a.data();
+    scalar_t* scaled = s->b.data();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) scaled[r * cols + c] = g[r * cols + c] * b.inv[c];
+    at::Tensor coef = at::from_blob(scaled, {rows, cols}, in.x.options());
+    grad_x.narrow(0, i0, rows).addmm_(coef, in.ref.narrow(0, j0, cols));
+    if (t.mirrored) {  // column side: acc_J += (g * inv_I)^T @ X_I
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) scaled[r * cols + c] = g[r * cols + c] * a.inv[r];
+      grad_x.narrow(0, j0, cols).addmm_(coef.t(), in.x.narrow(0, i0, rows));
+    }
+  });
+  apply_normalization<scalar_t>(in.x, radial_x, grad_x);
+  if (!grad_ref) return;
+
+  // The bank's gradient is a column reduction: visit bank blocks in parallel as rows, anchors as columns.
+  const int64_t ref_block = anchor_block(m);
+  parallel_over((m + ref_block - 1) / ref_block, [&](int64_t begin, int64_t end) {
+    TileScratch<scalar_t> s(in.x.options(), ref_block, kBankTile);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * ref_block, rows = std::min(ref_block, m - r0);
+      for (int64_t c0 = 0; c0 < n; c0 += kBankTile) {
+        const int64_t cols = std::min(kBankTile, n - c0);
+        const scalar_t* dots = tile_dots(s.dots, in.ref, r0, rows, in.x, c0, cols).template data_ptr<scalar_t>();
+        const Side<scalar_t> refs = pb.references(r0), anchors = pb.anchors(c0);
+        const AnchorGrad<scalar_t> col_anchor = anchor_grad(c0);
+        pair_grads(dots, rows, cols, kNoSelfPairs, refs, anchors, nullptr, &col_anchor, pb.mode, pb.gamma, pb.margin,
+                   s.a.data(), radial_ref.data() + r0, nullptr);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) s.b[r * cols + c] = s.a[r * cols + c] * anchors.inv[c];
+        at::Tensor coef = at::from_blob(s.b.data(), {rows, cols}, in.x.options());
+        grad_ref->narrow(0, r0, rows).addmm_(coef, in.x.narrow(0, c0, cols));
       }
     }
   });
+  apply_normalization<scalar_t>(in.ref, radial_ref, *grad_ref);
 }
 
 std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cpu(
@@ -189,17 +483,9 @@ std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cpu(
   const bool want_ref = !in.self_ref && ref_requires_grad;
   at::Tensor grad_ref = want_ref ? at::empty_like(in.ref) : at::empty({0, in.x.size(1)}, in.x.options());
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_backward_cpu", [&] {
-    const scalar_t* g = grad_c.data_ptr<scalar_t>();
-    const bool* ok = valid_c.data_ptr<bool>();
-    const scalar_t* neg = neg_c.data_ptr<scalar_t>();
-    const scalar_t* pos = pos_c.data_ptr<scalar_t>();
-    std::vector<scalar_t> weight(n);
-    for (int64_t i = 0; i < n; ++i) weight[i] = unified_anchor_weight(g[i], neg[i], pos[i], ok[i]);
-    const PairRule rule = make_rule(in, mode);
-    backward_side<scalar_t>(in, rule, weight, neg, pos, scalar_t(gamma), scalar_t(margin), true, grad_x);
-    if (want_ref) {
-      backward_side<scalar_t>(in, rule, weight, neg, pos, scalar_t(gamma), scalar_t(margin), false, grad_ref);
-    }
+    const Problem<scalar_t> pb(in, mode, gamma, margin);
+    backward_impl<scalar_t>(pb, grad_c.data_ptr<scalar_t>(), valid_c.data_ptr<bool>(), neg_c.data_ptr<scalar_t>(),
+                            pos_c.data_ptr<scalar_t>(), grad_x, want_ref ? &grad_ref : nullptr);
   });
   return {grad_x, grad_ref};
 }
