@@ -164,8 +164,8 @@ REID_EXT_ALWAYS_INLINE void pair_grads_impl(const scalar_t* dots, int64_t rows_n
     const scalar_t pos_r = kRows ? rows->shift_pos[r] : scalar_t(0);
     const scalar_t* d = dots + r * cols_n;
     scalar_t* gr = g + r * cols_n;
-    scalar_t radial = 0;
-    for (int64_t c = 0; c < cols_n; ++c) {
+    // One pair: writes g, returns g*s for the radial sums.
+    auto pair = [&](int64_t c) __attribute__((always_inline)) {
       const scalar_t s = d[c] * inv_r * b.inv[c];
       // Every load unconditional and no short-circuit: the loop must if-convert to vectorize.
       const int64_t label_c = b.labels[c], modality_c = b.modalities[c];
@@ -184,9 +184,17 @@ REID_EXT_ALWAYS_INLINE void pair_grads_impl(const scalar_t* dots, int64_t rows_n
       }
       value = allowed ? value : scalar_t(0);
       gr[c] = value;
-      radial += value * s;
       if (kRadialCols) radial_cols[c] += value * s;
-    }
+      return value * s;
+    };
+    // The row's radial sum in kLanes independent accumulators, so that the loop vectorizes.
+    scalar_t lanes[kLanes] = {};
+    const int64_t body = cols_n - cols_n % kLanes;
+    for (int64_t c0 = 0; c0 < body; c0 += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += pair(c0 + l);
+    scalar_t radial = 0;
+    for (int l = 0; l < kLanes; ++l) radial += lanes[l];
+    for (int64_t c = body; c < cols_n; ++c) radial += pair(c);
     radial_rows[r] += radial;
   }
 }
