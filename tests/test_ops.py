@@ -269,15 +269,17 @@ def test_torch_compile_inductor_cpu(gen):
 @CUDA
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_error_within_twice_eager(dtype, gen):
-    x64, labels, modalities = unified_case(128, 64, gen, "cuda", "pk", "cross", torch.float64)
+    # float64 is a CPU dtype here: the exact values come from the CPU reference.
+    x64, labels, modalities = unified_case(128, 64, gen, "cpu", "pk", "cross", torch.float64)
     kwargs = dict(modalities=modalities, mode="cross", reduction="none")
     exact, exact_grad = value_and_grads(reference.unified_triplet_loss, [x64], x64, labels, **kwargs)
-    x = x64.detach().to(dtype).requires_grad_(True)
-    ours, ours_grad = value_and_grads(reid_ext.unified_triplet_loss, [x], x, labels, **kwargs)
-    eager, eager_grad = value_and_grads(reference.unified_triplet_loss, [x], x, labels, **kwargs)
+    x = x64.detach().to("cuda", dtype).requires_grad_(True)
+    cuda_kwargs = dict(kwargs, modalities=modalities.cuda())
+    ours, ours_grad = value_and_grads(reid_ext.unified_triplet_loss, [x], x, labels.cuda(), **cuda_kwargs)
+    eager, eager_grad = value_and_grads(reference.unified_triplet_loss, [x], x, labels.cuda(), **cuda_kwargs)
 
     def err(a, b):
-        return (a.double() - b).abs().max().item()
+        return (a.double().cpu() - b).abs().max().item()
 
     assert ours.dtype == dtype
     assert err(ours, exact) <= 2 * err(eager, exact) + 1e-6

@@ -27,42 +27,60 @@ void similarity_rows(const at::Tensor& x, const at::Tensor& y, const std::vector
   });
 }
 
-// grad_a[i] = inv_a[i] * sum_j g_ij inv_b[j] b_j - a_i * radial_a[i] * sum_j g_ij s_ij,
-// reading g and s through (row, col) strides so that the column side reuses it transposed.
+// One row-order pass over dL/dS (g) and S: the coefficient matrices of both sides,
+// row_coef[i, j] = g_ij / max(|y_j|, eps) and col_coef[i, j] = g_ij / max(|x_i|, eps),
+// and the row sums of g * S (the radial part of the normalization Jacobian).
 template <typename scalar_t>
-void grad_one_side(const scalar_t* g, const scalar_t* s, int64_t row_stride, int64_t col_stride,
-                   const at::Tensor& a, const std::vector<scalar_t>& inv_a, const std::vector<scalar_t>& radial_a,
-                   const at::Tensor& b, const std::vector<scalar_t>& inv_b, at::Tensor& grad_a, bool accumulate) {
-  const int64_t rows_total = a.size(0), cols = b.size(0), d = a.size(1), block_size = anchor_block(rows_total);
-  parallel_over((rows_total + block_size - 1) / block_size, [&](int64_t begin, int64_t end) {
-    at::Tensor coef = at::empty({block_size, cols}, a.options());
-    at::Tensor acc = at::empty({block_size, d}, a.options());
-    std::vector<scalar_t> radial_sum(block_size);
+void coefficients(const scalar_t* g, const scalar_t* sim, int64_t n, int64_t m, const std::vector<scalar_t>& inv_x,
+                  const std::vector<scalar_t>& inv_y, scalar_t* row_coef, scalar_t* col_coef,
+                  std::vector<scalar_t>& row_radial) {
+  row_radial.assign(n, 0);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* gi = g + i * m;
+      const scalar_t* si = sim + i * m;
+      scalar_t* rc = row_coef + i * m;
+      scalar_t* cc = col_coef + i * m;
+      const scalar_t inv_i = inv_x[i];
+      scalar_t radial = 0;
+      for (int64_t j = 0; j < m; ++j) {
+        rc[j] = gi[j] * inv_y[j];
+        cc[j] = gi[j] * inv_i;
+        radial += gi[j] * si[j];
+      }
+      row_radial[i] = radial;
+    }
+  });
+}
+
+// Column sums of g * S, over column blocks in parallel, each reading rows in order.
+template <typename scalar_t>
+void column_radial(const scalar_t* g, const scalar_t* sim, int64_t n, int64_t m, std::vector<scalar_t>& col_radial) {
+  col_radial.assign(m, 0);
+  constexpr int64_t kCols = 256;
+  at::parallel_for(0, (m + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t i0 = block * block_size, rows = std::min(block_size, rows_total - i0);
-      scalar_t* c = coef.data_ptr<scalar_t>();
-      for (int64_t r = 0; r < rows; ++r) {
-        scalar_t radial = 0;
-        for (int64_t j = 0; j < cols; ++j) {
-          const int64_t at_ = (i0 + r) * row_stride + j * col_stride;
-          c[r * cols + j] = g[at_] * inv_b[j];
-          radial += g[at_] * s[at_];
-        }
-        radial_sum[r] = radial;
-      }
-      at::Tensor acc_rows = acc.narrow(0, 0, rows);
-      at::mm_out(acc_rows, coef.narrow(0, 0, rows), b);
-      const scalar_t* p = acc_rows.data_ptr<scalar_t>();
-      const scalar_t* a_data = a.data_ptr<scalar_t>();
-      scalar_t* out = grad_a.data_ptr<scalar_t>();
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r;
-        const scalar_t scale = inv_a[i], shrink = radial_a[i] * radial_sum[r];
-        for (int64_t k = 0; k < d; ++k) {
-          const scalar_t v = scale * p[r * d + k] - shrink * a_data[i * d + k];
-          out[i * d + k] = accumulate ? out[i * d + k] + v : v;
-        }
-      }
+      const int64_t j0 = block * kCols, j1 = std::min(m, j0 + kCols);
+      scalar_t* out = col_radial.data();
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = j0; j < j1; ++j) out[j] += g[i * m + j] * sim[i * m + j];
+    }
+  });
+}
+
+// grad[i] = inv[i] * product[i] - a_i * radial_scale[i] * radial[i]: the normalization Jacobian.
+template <typename scalar_t>
+void normalization_jacobian(const at::Tensor& a, const std::vector<scalar_t>& inv,
+                            const std::vector<scalar_t>& radial_scale, const std::vector<scalar_t>& radial,
+                            const at::Tensor& product, at::Tensor& grad) {
+  const int64_t d = a.size(1);
+  const scalar_t* a_data = a.data_ptr<scalar_t>();
+  const scalar_t* p = product.data_ptr<scalar_t>();
+  scalar_t* out = grad.data_ptr<scalar_t>();
+  at::parallel_for(0, a.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t scale = inv[i], shrink = radial_scale[i] * radial[i];
+      for (int64_t k = 0; k < d; ++k) out[i * d + k] = scale * p[i * d + k] - shrink * a_data[i * d + k];
     }
   });
 }
@@ -103,18 +121,30 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cpu(
   const int64_t m = y.size(0);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_y = y_in.has_value() ? at::empty_like(y) : at::empty({0, x.size(1)}, x.options());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs below are internal, not part of the graph
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_similarity_backward_cpu", [&] {
-    std::vector<scalar_t> inv_x, radial_x, inv_y, radial_y;
+    const bool self = !y_in.has_value();
+    std::vector<scalar_t> inv_x, radial_x, inv_y, radial_y, row_radial, col_radial;
     inverse_norms<scalar_t>(x, static_cast<scalar_t>(eps), inv_x, &radial_x);
-    if (y_in.has_value()) inverse_norms<scalar_t>(y, static_cast<scalar_t>(eps), inv_y, &radial_y);
-    const auto& iy = y_in.has_value() ? inv_y : inv_x;
-    const auto& ry = y_in.has_value() ? radial_y : radial_x;
+    if (!self) inverse_norms<scalar_t>(y, static_cast<scalar_t>(eps), inv_y, &radial_y);
+    const auto& iy = self ? inv_x : inv_y;
     const scalar_t* g = grad.data_ptr<scalar_t>();
     const scalar_t* s = sim.data_ptr<scalar_t>();
-    grad_one_side<scalar_t>(g, s, m, 1, x, inv_x, radial_x, y, iy, grad_x, false);
-    // The column side: rows of y read G transposed; for y = x it adds into grad_x.
-    at::Tensor& col_out = y_in.has_value() ? grad_y : grad_x;
-    grad_one_side<scalar_t>(g, s, 1, m, y, iy, ry, x, inv_x, col_out, !y_in.has_value());
+    at::Tensor row_coef = at::empty_like(grad), col_coef = at::empty_like(grad);
+    coefficients<scalar_t>(g, s, x.size(0), m, inv_x, iy, row_coef.data_ptr<scalar_t>(),
+                           col_coef.data_ptr<scalar_t>(), row_radial);
+    column_radial<scalar_t>(g, s, x.size(0), m, col_radial);
+    // dL/dx_i collects row i of G; dL/dy_j column j (for y = x, both land on x).
+    at::Tensor from_rows = at::mm(row_coef, y);
+    at::Tensor from_cols = at::mm(col_coef.t(), x);
+    if (self) {
+      from_rows.add_(from_cols);
+      for (int64_t i = 0; i < x.size(0); ++i) row_radial[i] += col_radial[i];
+      normalization_jacobian<scalar_t>(x, inv_x, radial_x, row_radial, from_rows, grad_x);
+    } else {
+      normalization_jacobian<scalar_t>(x, inv_x, radial_x, row_radial, from_rows, grad_x);
+      normalization_jacobian<scalar_t>(y, inv_y, radial_y, col_radial, from_cols, grad_y);
+    }
   });
   return {grad_x, grad_y};
 }
