@@ -127,6 +127,132 @@ HOST_DEVICE_INLINE acc_t unified_anchor_weight(acc_t grad, acc_t lse_neg, acc_t 
   return valid ? grad * sigmoid(lse_neg + lse_pos) : acc_t(0);
 }
 
+// ---- batch_hard_triplet_loss
+
+// Distance of batch_hard_triplet_loss (schema int `metric`).
+enum Metric : int { kMetricEuclidean = 0, kMetricSqEuclidean = 1, kMetricCosine = 2 };
+
+// Floor of the squared euclidean distance under the square root: keeps 1 / d finite.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t min_squared_distance() {
+  return acc_t(1e-12);
+}
+
+// Distance of a pair from its dot product and the squared norms (euclidean metrics) or the
+// inverse norms (cosine: 1 - S). The clamps are written `v < floor ? floor : v` so that NaN stays NaN.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t pair_distance(int metric, acc_t dot, acc_t sq_i, acc_t sq_j, acc_t inv_i, acc_t inv_j) {
+  if (metric == kMetricCosine) return acc_t(1) - dot * inv_i * inv_j;
+  acc_t d2 = sq_i + sq_j - acc_t(2) * dot;
+  if (d2 < acc_t(0)) d2 = acc_t(0);  // cancellation can leave it slightly negative
+  if (metric == kMetricSqEuclidean) return d2;
+  return math_sqrt(d2 < min_squared_distance<acc_t>() ? min_squared_distance<acc_t>() : d2);
+}
+
+// The hardest positive (largest distance) or hardest negative (smallest distance) seen so far.
+// Candidates are ranked by a total order, so every reduction order picks the same one: a NaN
+// distance beats any number (torch.max/min propagate NaN, so a NaN feature reaches the loss),
+// then the harder distance, then the lower index. index = -1: no candidate yet.
+template <typename acc_t>
+struct Hardest {
+  acc_t dist;
+  int64_t index;
+
+  HOST_DEVICE_INLINE Hardest() : dist(0), index(-1) {}
+
+  HOST_DEVICE_INLINE bool beaten_by(acc_t d, int64_t j, bool largest) const {
+    if (j < 0) return false;
+    if (index < 0) return true;
+    const bool nan_d = d != d, nan_here = dist != dist;
+    if (nan_d || nan_here) return nan_d && (!nan_here || j < index);
+    if (d != dist) return largest ? d > dist : d < dist;
+    return j < index;
+  }
+
+  HOST_DEVICE_INLINE void offer(acc_t d, int64_t j, bool largest) {
+    if (beaten_by(d, j, largest)) {
+      dist = d;
+      index = j;
+    }
+  }
+
+  // offer() for candidates that arrive in increasing index order: a tie keeps the earlier one.
+  HOST_DEVICE_INLINE void offer_in_order(acc_t d, int64_t j, bool largest) {
+    const bool harder = largest ? d > dist : d < dist;
+    if (index < 0 || harder || (d != d && dist == dist)) {
+      dist = d;
+      index = j;
+    }
+  }
+};
+
+// Loss of one anchor from its hardest pair distances: relu(d_ap - d_an + margin), or
+// softplus(d_ap - d_an) with the soft margin; 0 without a positive or a negative.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t batch_hard_anchor_loss(acc_t d_ap, acc_t d_an, acc_t margin, bool soft, bool valid) {
+  if (!valid) return acc_t(0);
+  const acc_t diff = d_ap - d_an;
+  if (soft) return softplus(diff);
+  const acc_t hinge = diff + margin;
+  return hinge < acc_t(0) ? acc_t(0) : hinge;
+}
+
+// grad * dL_i/d(d_ap), which is also -grad * dL_i/d(d_an). As torch.relu, no gradient at the kink.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t batch_hard_anchor_weight(acc_t grad, acc_t d_ap, acc_t d_an, acc_t margin, bool soft,
+                                                  bool valid) {
+  if (!valid) return acc_t(0);
+  const acc_t diff = d_ap - d_an;
+  if (soft) return grad * sigmoid(diff);
+  return diff + margin > acc_t(0) ? grad : acc_t(0);
+}
+
+// d dist / d x_self = self * x_self + other * x_other for a pair at distance `dist`; inv_* are
+// 1 / max(|x|, eps) and radial_self is inv_self^2 where |x_self| > eps, else 0 (cosine only).
+template <typename acc_t>
+struct PairGrad {
+  acc_t self, other;
+};
+
+template <typename acc_t>
+HOST_DEVICE_INLINE PairGrad<acc_t> distance_grad(int metric, acc_t dist, acc_t inv_self, acc_t inv_other,
+                                                 acc_t radial_self) {
+  if (metric == kMetricCosine) {
+    // dist = 1 - S, dS/dx_self = inv_self * inv_other * x_other - S * radial_self * x_self
+    return PairGrad<acc_t>{(acc_t(1) - dist) * radial_self, -inv_self * inv_other};
+  }
+  if (metric == kMetricSqEuclidean) {
+    // 2 (x_self - x_other); none where the clamp at 0 was active
+    return dist <= acc_t(0) ? PairGrad<acc_t>{0, 0} : PairGrad<acc_t>{2, -2};
+  }
+  // (x_self - x_other) / dist; none where the floor under the square root was active
+  const acc_t floor = math_sqrt(min_squared_distance<acc_t>());
+  return dist <= floor ? PairGrad<acc_t>{0, 0} : PairGrad<acc_t>{acc_t(1) / dist, -acc_t(1) / dist};
+}
+
+// ---- cosine_softmax_loss
+
+// Logit of a class: scale * (cos - margin) for the target class, scale * cos otherwise.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t cosine_logit(acc_t cos, bool is_target, acc_t scale, acc_t margin) {
+  return scale * (is_target ? cos - margin : cos);
+}
+
+// Cross-entropy with label smoothing eps over C classes, from the row's log-sum-exp, target
+// logit and sum of logits: (1 - eps) * (lse - z_y) + eps / C * sum_c (lse - z_c).
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t smoothed_cross_entropy(acc_t lse, acc_t target_logit, acc_t logit_sum, acc_t smoothing,
+                                                int64_t num_classes) {
+  return lse - (acc_t(1) - smoothing) * target_logit - smoothing / acc_t(num_classes) * logit_sum;
+}
+
+// dCE/dz_c = softmax_c - (1 - eps) [c == y] - eps / C.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t smoothed_cross_entropy_grad(acc_t logit, acc_t lse, bool is_target, acc_t smoothing,
+                                                     int64_t num_classes) {
+  return math_exp(logit - lse) - (is_target ? acc_t(1) - smoothing : acc_t(0)) - smoothing / acc_t(num_classes);
+}
+
 }  // namespace reid_ext
 
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
@@ -203,6 +329,44 @@ inline UnifiedInputs check_unified_inputs(
   in.ref_labels = ref_labels->to(at::kLong).contiguous();
   in.ref_modalities = use_modalities ? ref_modalities->to(at::kLong).contiguous() : at::Tensor();
   return in;
+}
+
+// ---- batch_hard_triplet_loss, modality_centers, cosine_softmax_loss
+
+// A per-anchor tensor (Tensor[n]) that a backward op receives from its forward.
+inline void check_per_row(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(0), name, " must be a 1-D Tensor[", like.size(0), "], got shape ",
+              t.sizes());
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but x is on ", like.device());
+}
+
+inline void check_batch_hard_options(double margin, int64_t metric) {
+  TORCH_CHECK(metric == kMetricEuclidean || metric == kMetricSqEuclidean || metric == kMetricCosine,
+              "metric must be 0 (euclidean), 1 (sqeuclidean) or 2 (cosine), got ", metric);
+  TORCH_CHECK(margin >= 0, "margin must be >= 0, got ", margin);
+}
+
+inline void check_batch_hard_inputs(const at::Tensor& x, const at::Tensor& labels, double margin, int64_t metric) {
+  check_features(x, "x");
+  check_index(labels, "labels", x, "x");
+  check_batch_hard_options(margin, metric);
+}
+
+inline void check_center_inputs(const at::Tensor& x, const at::Tensor& group, int64_t num_groups) {
+  check_features(x, "x");
+  check_index(group, "group", x, "x");
+  TORCH_CHECK(num_groups >= 0, "num_groups must be >= 0, got ", num_groups);
+}
+
+inline void check_cosine_softmax_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+                                        double scale, double label_smoothing) {
+  check_features(x, "x");
+  check_features(weight, "weight");
+  check_same(weight, "weight", x, "x");
+  check_index(labels, "labels", x, "x");
+  TORCH_CHECK(scale > 0, "scale must be > 0, got ", scale);
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing < 1, "label_smoothing must be in [0, 1), got ",
+              label_smoothing);
 }
 
 }  // namespace reid_ext

@@ -39,4 +39,24 @@ TORCH_LIBRARY(reid_ext, m) {
       "_unified_triplet_loss_backward(Tensor grad_loss, Tensor x, Tensor labels, Tensor? modalities, Tensor? ref, "
       "Tensor? ref_labels, Tensor? ref_modalities, Tensor valid, Tensor lse_neg, Tensor lse_pos, float gamma, "
       "float margin, int mode, bool ref_requires_grad) -> (Tensor, Tensor)");
+  // Per-anchor loss, validity, hardest positive / negative index (-1: none) and their distances.
+  m.def(
+      "batch_hard_triplet_loss(Tensor x, Tensor labels, float margin, int metric, bool soft_margin) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_batch_hard_triplet_loss_backward(Tensor grad_loss, Tensor x, Tensor pos_idx, Tensor neg_idx, "
+      "Tensor dist_ap, Tensor dist_an, float margin, int metric, bool soft_margin) -> Tensor");
+  // Mean of the (normalized) rows of each group 0 <= group[i] < num_groups, and the group sizes.
+  m.def("modality_centers(Tensor x, Tensor group, SymInt num_groups, bool normalize) -> (Tensor, Tensor)");
+  m.def(
+      "_modality_centers_backward(Tensor grad_centers, Tensor x, Tensor group, Tensor counts, bool normalize) "
+      "-> Tensor");
+  // Per-anchor loss and the log-sum-exp of its logits, which the backward reuses.
+  m.def(
+      "cosine_softmax_loss(Tensor x, Tensor weight, Tensor labels, float scale, float margin, "
+      "float label_smoothing) -> (Tensor, Tensor)");
+  m.def(
+      "_cosine_softmax_loss_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor labels, Tensor lse, "
+      "float scale, float margin, float label_smoothing, bool x_requires_grad, bool weight_requires_grad) "
+      "-> (Tensor, Tensor)");
 }

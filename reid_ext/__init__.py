@@ -24,16 +24,18 @@ if _C.TORCH_VERSION != torch.__version__:
     )
 
 from . import reference  # noqa: E402
-from .ops import cosine_similarity, unified_triplet_loss  # noqa: E402
-
-# Not fused yet: the plain-PyTorch versions until their kernels land.
-from .reference import (  # noqa: E402
+from .ops import (  # noqa: E402
     batch_hard_triplet_loss,
+    cosine_similarity,
     cosine_softmax_loss,
     hetero_center_triplet_loss,
     modality_centers,
+    unified_triplet_loss,
 )
 from . import losses  # noqa: E402
+from . import distributed  # noqa: E402
+from .distributed import gather_batch  # noqa: E402
+from .memory import CrossBatchMemory  # noqa: E402
 
 WITH_CUDA = bool(_C.WITH_CUDA)
 
@@ -46,6 +48,9 @@ __all__ = [
     "modality_centers",
     "hetero_center_triplet_loss",
     "cosine_softmax_loss",
+    "CrossBatchMemory",
+    "gather_batch",
+    "distributed",
     "losses",
     "reference",
     "WITH_CUDA",

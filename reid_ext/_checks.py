@@ -132,6 +132,10 @@ def mode_id(mode: str) -> int:
     return MODES.index(mode)
 
 
+def metric_id(metric: str) -> int:
+    return METRICS.index(metric)
+
+
 def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
     """Sum over anchors, or that sum over max(#valid, 1); no host synchronisation."""
     if reduction == "none":

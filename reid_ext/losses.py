@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["UnifiedTripletLoss"]
+__all__ = ["UnifiedTripletLoss", "BatchHardTripletLoss", "HeteroCenterTripletLoss", "CosineSoftmaxLoss"]
 
 
 class UnifiedTripletLoss(nn.Module):
@@ -40,3 +40,92 @@ class UnifiedTripletLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, margin={self.margin}, mode={self.mode!r}, reduction={self.reduction!r}"
+
+
+class BatchHardTripletLoss(nn.Module):
+    """Batch-hard triplet loss; see reid_ext.batch_hard_triplet_loss.
+
+    L_i = relu(max_{p in pos(i)} d_ip - min_{n in neg(i)} d_in + margin)   (softplus(d_ap - d_an) with soft_margin)
+
+    Example:
+        >>> loss_fn = BatchHardTripletLoss(margin=0.3)          # euclidean, as in MGN
+        >>> loss = loss_fn(embeddings, labels)
+    """
+
+    def __init__(self, margin: float = 0.3, metric: str = "euclidean", soft_margin: bool = False,
+                 reduction: str = "mean"):
+        super().__init__()
+        self.margin, self.metric, self.soft_margin, self.reduction = margin, metric, soft_margin, reduction
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        return ops.batch_hard_triplet_loss(
+            x, labels, margin=self.margin, metric=self.metric, soft_margin=self.soft_margin, reduction=self.reduction
+        )
+
+    def extra_repr(self) -> str:
+        return (f"margin={self.margin}, metric={self.metric!r}, soft_margin={self.soft_margin}, "
+                f"reduction={self.reduction!r}")
+
+
+class HeteroCenterTripletLoss(nn.Module):
+    """Triplet loss over the (label, modality) centers of a batch; see reid_ext.hetero_center_triplet_loss.
+
+    mining="all": unified batch-all loss (mode "cross") over the normalized centers (UBAT);
+    mining="hard": batch-hard euclidean loss over the raw centers (hetero-center triplet loss).
+
+    Example:
+        >>> loss_fn = HeteroCenterTripletLoss(mining="all", gamma=64.0)
+        >>> loss = loss_fn(embeddings, labels, modalities)     # modalities: 0 = visible, 1 = infrared
+    """
+
+    def __init__(self, mining: str = "all", gamma: float = 64.0, margin: Optional[float] = None,
+                 reduction: str = "mean"):
+        super().__init__()
+        self.mining, self.gamma, self.margin, self.reduction = mining, gamma, margin, reduction
+
+    def forward(self, x: Tensor, labels: Tensor, modalities: Tensor) -> Tensor:
+        return ops.hetero_center_triplet_loss(
+            x, labels, modalities, mining=self.mining, gamma=self.gamma, margin=self.margin, reduction=self.reduction
+        )
+
+    def extra_repr(self) -> str:
+        return f"mining={self.mining!r}, gamma={self.gamma}, margin={self.margin}, reduction={self.reduction!r}"
+
+
+class CosineSoftmaxLoss(nn.Module):
+    """Cosine-softmax (CosFace / AM-softmax) classification loss with its own class weights.
+
+    z_ic = scale * (cos(x_i, weight_c) - margin * [c == label_i]), cross-entropy over z (with label smoothing).
+
+    The weight (Tensor[num_classes, dim]) starts as N(0, 0.01^2) rows: only their directions
+    matter (the logits normalize them), and small random directions start every class near
+    cosine 0 with each sample, so the first steps are not dominated by an arbitrary class.
+
+    Example:
+        >>> loss_fn = CosineSoftmaxLoss(num_classes=751, dim=2048, scale=64.0, margin=0.35)
+        >>> loss = loss_fn(embeddings, labels)                  # labels in [0, 751)
+        >>> optimizer = torch.optim.SGD(list(model.parameters()) + list(loss_fn.parameters()), lr=0.01)
+    """
+
+    def __init__(self, num_classes: int, dim: int, scale: float = 64.0, margin: float = 0.35,
+                 label_smoothing: float = 0.0, reduction: str = "mean", device=None, dtype=None):
+        super().__init__()
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"num_classes and dim must be >= 1, got {num_classes} and {dim}")
+        self.num_classes, self.dim = num_classes, dim
+        self.scale, self.margin, self.label_smoothing, self.reduction = scale, margin, label_smoothing, reduction
+        self.weight = nn.Parameter(torch.empty(num_classes, dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        return ops.cosine_softmax_loss(
+            x, self.weight, labels, scale=self.scale, margin=self.margin, label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, dim={self.dim}, scale={self.scale}, margin={self.margin}, "
+                f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}")

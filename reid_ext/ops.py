@@ -5,14 +5,21 @@ calls one fused op, and reduces in a couple of tensor ops without host
 synchronisation. Backward passes are private ops of their own, so that
 torch.compile sees the whole graph.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _checks
 
-__all__ = ["cosine_similarity", "unified_triplet_loss"]
+__all__ = [
+    "cosine_similarity",
+    "unified_triplet_loss",
+    "batch_hard_triplet_loss",
+    "modality_centers",
+    "hetero_center_triplet_loss",
+    "cosine_softmax_loss",
+]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,4 +154,286 @@ def _unified_backward(ctx, grad_loss, _grad_valid, _grad_lse_neg, _grad_lse_pos)
 
 torch.library.register_autograd(
     "reid_ext::unified_triplet_loss", _unified_backward, setup_context=_unified_setup
+)
+
+
+# ---------------------------------------------------------------- batch_hard_triplet_loss
+
+
+def batch_hard_triplet_loss(
+    x: Tensor,
+    labels: Tensor,
+    *,
+    margin: float = 0.3,
+    metric: str = "euclidean",
+    soft_margin: bool = False,
+    reduction: str = "mean",
+    return_indices: bool = False,
+):
+    """Batch-hard triplet loss, fused: the N x N distance matrix is never stored.
+
+    L_i = relu(max_{p in pos(i)} d_ip - min_{n in neg(i)} d_in + margin),
+    or softplus(d_ap - d_an) with soft_margin; positives share the label (j != i), negatives do not.
+
+    Args:
+        x (Tensor[N, D]): features.
+        labels (Tensor[N]): integer identities.
+        margin (float): >= 0; unused with soft_margin.
+        metric (str): "euclidean" sqrt(max(|x_i - x_j|^2, 1e-12)), "sqeuclidean" |x_i - x_j|^2,
+            or "cosine" 1 - cos(x_i, x_j).
+        soft_margin (bool): softplus instead of the hinge.
+        reduction (str): "mean" (over anchors with a positive and a negative), "sum" or "none".
+        return_indices (bool): also return the hardest pair of each anchor.
+
+    Returns:
+        loss (Tensor[] or Tensor[N] with reduction="none"; 0 for anchors without a positive or a
+        negative), and with return_indices also pos_idx (Tensor[N]) and neg_idx (Tensor[N]), int64,
+        -1 where an anchor has none. Ties go to the lowest index. The gradient flows through the
+        selected pairs only.
+    """
+    _checks.check_batch_hard(x, labels, margin, metric, reduction)
+    loss, valid, pos_idx, neg_idx, _, _ = torch.ops.reid_ext.batch_hard_triplet_loss.default(
+        x, labels, float(margin), _checks.metric_id(metric), bool(soft_margin)
+    )
+    loss = _checks.reduce_loss(loss, valid, reduction)
+    return (loss, pos_idx, neg_idx) if return_indices else loss
+
+
+@torch.library.register_fake("reid_ext::batch_hard_triplet_loss")
+def _batch_hard_fake(x, labels, margin, metric, soft_margin):
+    n = x.size(0)
+    index = x.new_empty(n, dtype=torch.long)
+    dist = x.new_empty(n, dtype=_acc_dtype(x.dtype))
+    valid = x.new_empty(n, dtype=torch.bool)
+    return x.new_empty(n), valid, index, torch.empty_like(index), dist, torch.empty_like(dist)
+
+
+@torch.library.register_fake("reid_ext::_batch_hard_triplet_loss_backward")
+def _batch_hard_backward_fake(grad_loss, x, pos_idx, neg_idx, dist_ap, dist_an, margin, metric, soft_margin):
+    return x.new_empty(x.shape)
+
+
+def _batch_hard_setup(ctx, inputs, output):
+    x, _labels, margin, metric, soft_margin = inputs
+    _, valid, pos_idx, neg_idx, dist_ap, dist_an = output
+    ctx.mark_non_differentiable(valid, pos_idx, neg_idx, dist_ap, dist_an)
+    ctx.margin, ctx.metric, ctx.soft_margin = margin, metric, soft_margin
+    ctx.save_for_backward(x, pos_idx, neg_idx, dist_ap, dist_an)
+
+
+def _batch_hard_backward(ctx, grad_loss, *_unused):
+    x, pos_idx, neg_idx, dist_ap, dist_an = ctx.saved_tensors
+    grad_x = torch.ops.reid_ext._batch_hard_triplet_loss_backward.default(
+        grad_loss, x, pos_idx, neg_idx, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft_margin
+    )
+    return grad_x, None, None, None, None
+
+
+torch.library.register_autograd(
+    "reid_ext::batch_hard_triplet_loss", _batch_hard_backward, setup_context=_batch_hard_setup
+)
+
+
+# ---------------------------------------------------------------- modality_centers
+
+
+def modality_centers(
+    x: Tensor, labels: Tensor, modalities: Tensor, *, normalize: bool = True
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """One center per distinct (label, modality) pair: the mean of its L2-normalized features.
+
+    c_g = (1 / |g|) * sum_{i in g} x_i / max(|x_i|, 1e-12)   (raw x_i with normalize=False)
+
+    Deterministic: on CPU (whatever the number of threads) and on CUDA alike, the same inputs give
+    bitwise the same centers and gradients on every run (each center sums its rows in index order;
+    no floating-point atomics). CPU and CUDA results may differ from each other by rounding.
+
+    The number of centers G depends on the data, so this wrapper finds the pairs with
+    torch.unique, which waits for the device on CUDA (the one host synchronisation). The fused
+    op behind it takes the group ids and G and does not synchronise: when they are known in
+    advance, call ``torch.ops.reid_ext.modality_centers(x, group, G, normalize)`` directly; it
+    returns (centers, counts).
+
+    Args:
+        x (Tensor[N, D]): features.
+        labels (Tensor[N]): integer identities.
+        modalities (Tensor[N]): integer modalities (e.g. 0 = visible, 1 = infrared).
+        normalize (bool): average the L2-normalized features (True) or the raw ones.
+
+    Returns:
+        centers (Tensor[G, D]), center_labels (Tensor[G]), center_modalities (Tensor[G]), ordered
+        by (label, modality).
+    """
+    _checks.check_centers(x, labels, modalities)
+    # One int64 key per row in (label, modality) order, from order-preserving ranks (the position
+    # of a value's first occurrence in sorted order, < N): a unique over one dimension is much
+    # cheaper than torch.unique(dim=0) over (label, modality) rows.
+    n = max(labels.numel(), 1)
+    labels_long, modalities_long = labels.long().contiguous(), modalities.long().contiguous()
+    sorted_labels = labels_long.sort().values
+    sorted_modalities = modalities_long.sort().values
+    label_rank = torch.searchsorted(sorted_labels, labels_long)
+    modality_rank = torch.searchsorted(sorted_modalities, modalities_long)
+    keys, group = torch.unique(label_rank * n + modality_rank, return_inverse=True)
+    centers, _ = torch.ops.reid_ext.modality_centers.default(x, group, keys.size(0), bool(normalize))
+    center_labels = sorted_labels[keys // n].to(labels.dtype)
+    center_modalities = sorted_modalities[keys % n].to(modalities.dtype)
+    return centers, center_labels, center_modalities
+
+
+@torch.library.register_fake("reid_ext::modality_centers")
+def _centers_fake(x, group, num_groups, normalize):
+    return x.new_empty(num_groups, x.size(1)), x.new_empty(num_groups, dtype=torch.long)
+
+
+@torch.library.register_fake("reid_ext::_modality_centers_backward")
+def _centers_backward_fake(grad_centers, x, group, counts, normalize):
+    return x.new_empty(x.shape)
+
+
+def _centers_setup(ctx, inputs, output):
+    x, group, _num_groups, normalize = inputs
+    _, counts = output
+    ctx.mark_non_differentiable(counts)
+    ctx.normalize = normalize
+    ctx.save_for_backward(x, group, counts)
+
+
+def _centers_backward(ctx, grad_centers, _grad_counts):
+    x, group, counts = ctx.saved_tensors
+    grad_x = torch.ops.reid_ext._modality_centers_backward.default(grad_centers, x, group, counts, ctx.normalize)
+    return grad_x, None, None, None
+
+
+torch.library.register_autograd("reid_ext::modality_centers", _centers_backward, setup_context=_centers_setup)
+
+
+# ---------------------------------------------------------------- hetero_center_triplet_loss
+
+
+def hetero_center_triplet_loss(
+    x: Tensor,
+    labels: Tensor,
+    modalities: Tensor,
+    *,
+    mining: str = "all",
+    gamma: float = 64.0,
+    margin: Optional[float] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Triplet loss over the modality centers of the batch (one per (label, modality) pair).
+
+    mining="all" (UBAT's batch-all hetero-center loss): unified_triplet_loss(mode="cross") over
+    modality_centers(normalize=True), margin default 0.25:
+        L_g = softplus(LSE_{n in neg(g)} gamma*(S_gn + margin) + LSE_{p in pos(g)} (-gamma*S_gp)),
+        positives and negatives taken among the centers of the other modalities.
+    mining="hard" (hetero-center triplet loss): batch_hard_triplet_loss (euclidean) over
+    modality_centers(normalize=False), margin default 0.3:
+        L_g = relu(max_p |c_g - c_p| - min_n |c_g - c_n| + margin).
+
+    An identity seen in one modality only has a center without a cross-modal positive: an
+    invalid anchor, which contributes 0. Finding the centers synchronises with the device once
+    (see modality_centers).
+
+    Args:
+        x (Tensor[N, D]): features.
+        labels (Tensor[N]): integer identities.
+        modalities (Tensor[N]): integer modalities.
+        mining (str): "all" or "hard".
+        gamma (float): scale of mining="all", > 0.
+        margin (float, optional): None for the default of the mining.
+        reduction (str): "mean" (over valid centers), "sum" or "none" (Tensor[G], per center).
+
+    Returns:
+        Tensor[] or Tensor[G] with reduction="none".
+    """
+    _checks.check_choice("mining", mining, ("all", "hard"))
+    centers, center_labels, center_modalities = modality_centers(x, labels, modalities, normalize=mining == "all")
+    if mining == "all":
+        return unified_triplet_loss(
+            centers, center_labels, gamma=gamma, margin=0.25 if margin is None else margin,
+            modalities=center_modalities, mode="cross", reduction=reduction,
+        )
+    return batch_hard_triplet_loss(
+        centers, center_labels, margin=0.3 if margin is None else margin, metric="euclidean", reduction=reduction
+    )
+
+
+# ---------------------------------------------------------------- cosine_softmax_loss
+
+
+def cosine_softmax_loss(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    scale: float = 64.0,
+    margin: float = 0.35,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cosine-softmax (CosFace / AM-softmax) cross-entropy, fused with the normalization.
+
+    z_ic = scale * (cos(x_i, weight_c) - margin * [c == label_i]),
+    L_i = (1 - eps) * (LSE_c z_ic - z_i,label_i) + eps/C * sum_c (LSE_c z_ic - z_ic), eps = label_smoothing.
+
+    On CPU the N x C logits are never stored; on CUDA the two products with the weights go
+    through cuBLAS and everything else is fused around them.
+
+    Args:
+        x (Tensor[N, D]): features.
+        weight (Tensor[C, D]): class weights (any scale: they are normalized).
+        labels (Tensor[N]): integer class indices in [0, C). Out-of-range labels raise on CPU
+            and give a NaN loss on CUDA (checking them there would synchronise).
+        scale (float): > 0.
+        margin (float): additive margin on the target cosine.
+        label_smoothing (float): in [0, 1).
+        reduction (str): "mean" (over the N anchors), "sum" or "none".
+
+    Returns:
+        Tensor[] or Tensor[N] with reduction="none".
+    """
+    _checks.check_cosine_softmax(x, weight, labels, scale, label_smoothing, reduction)
+    loss, _ = torch.ops.reid_ext.cosine_softmax_loss.default(
+        x, weight, labels, float(scale), float(margin), float(label_smoothing)
+    )
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total if reduction == "sum" else total / max(x.size(0), 1)
+
+
+@torch.library.register_fake("reid_ext::cosine_softmax_loss")
+def _cosine_softmax_fake(x, weight, labels, scale, margin, label_smoothing):
+    n = x.size(0)
+    return x.new_empty(n), x.new_empty(n, dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.register_fake("reid_ext::_cosine_softmax_loss_backward")
+def _cosine_softmax_backward_fake(grad_loss, x, weight, labels, lse, scale, margin, label_smoothing, x_requires_grad,
+                                  weight_requires_grad):
+    grad_x = x.new_empty(x.shape) if x_requires_grad else x.new_empty(0, x.size(1))
+    grad_weight = weight.new_empty(weight.shape) if weight_requires_grad else x.new_empty(0, x.size(1))
+    return grad_x, grad_weight
+
+
+def _cosine_softmax_setup(ctx, inputs, output):
+    x, weight, labels, scale, margin, label_smoothing = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.scale, ctx.margin, ctx.label_smoothing = scale, margin, label_smoothing
+    ctx.save_for_backward(x, weight, labels, lse)
+
+
+def _cosine_softmax_backward(ctx, grad_loss, _grad_lse):
+    x, weight, labels, lse = ctx.saved_tensors
+    want_x, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_weight = torch.ops.reid_ext._cosine_softmax_loss_backward.default(
+        grad_loss, x, weight, labels, lse, ctx.scale, ctx.margin, ctx.label_smoothing, want_x, want_weight
+    )
+    return (grad_x if want_x else None), (grad_weight if want_weight else None), None, None, None, None
+
+
+torch.library.register_autograd(
+    "reid_ext::cosine_softmax_loss", _cosine_softmax_backward, setup_context=_cosine_softmax_setup
 )

@@ -94,7 +94,9 @@ def _distances(x: torch.Tensor, metric: str) -> torch.Tensor:
 def _first_index_of(values: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     n = values.size(1)
     cols = torch.arange(n, device=values.device).expand_as(values)
-    hit = mask & (values == target[:, None])
+    # A NaN target (torch.max/min propagate NaN) is the first NaN candidate, so the NaN reaches
+    # the loss of every anchor that has one among its candidates.
+    hit = mask & ((values == target[:, None]) | (values.isnan() & target.isnan()[:, None]))
     return torch.where(hit, cols, n).min(dim=1).values
 
 
@@ -111,6 +113,10 @@ def batch_hard_triplet_loss(
     """L_i = relu(max_{p in pos(i)} d_ip - min_{n in neg(i)} d_in + margin) (softplus(d_ap - d_an) with soft_margin)."""
     _checks.check_batch_hard(x, labels, margin, metric, reduction)
     n = x.size(0)
+    if n == 0:  # max/min below cannot reduce over an empty row
+        loss = _checks.reduce_loss(x.sum(dim=1), torch.zeros(0, dtype=torch.bool, device=x.device), reduction)
+        none = torch.zeros(0, dtype=torch.long, device=x.device)
+        return (loss, none, none) if return_indices else loss
     dist = _distances(x, metric)
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(n, dtype=torch.bool, device=x.device)
@@ -122,14 +128,8 @@ def batch_hard_triplet_loss(
         d = dist.detach()
         hardest_pos = torch.where(pos, d, float("-inf")).max(dim=1).values
         hardest_neg = torch.where(neg, d, float("inf")).min(dim=1).values
-        pos_idx = _first_index_of(d, hardest_pos, pos)
-        neg_idx = _first_index_of(d, hardest_neg, neg)
-        # A NaN row matches nothing: fall back to the first candidate so the NaN reaches the loss.
-        first = torch.arange(n, device=x.device)
-        pos_idx = torch.where(pos_idx < n, pos_idx, torch.where(pos, first[None, :], n).min(dim=1).values)
-        neg_idx = torch.where(neg_idx < n, neg_idx, torch.where(neg, first[None, :], n).min(dim=1).values)
-        pos_idx = torch.where(has_pos, pos_idx, -1)
-        neg_idx = torch.where(has_neg, neg_idx, -1)
+        pos_idx = torch.where(has_pos, _first_index_of(d, hardest_pos, pos), -1)
+        neg_idx = torch.where(has_neg, _first_index_of(d, hardest_neg, neg), -1)
     d_ap = dist.gather(1, pos_idx.clamp_min(0)[:, None]).squeeze(1)
     d_an = dist.gather(1, neg_idx.clamp_min(0)[:, None]).squeeze(1)
     diff = d_ap - d_an
@@ -149,7 +149,8 @@ def modality_centers(
     feats = _normalize(x, 1e-12) if normalize else x
     keys = torch.stack([labels.long(), modalities.long()], dim=1)
     uniq, group = torch.unique(keys, dim=0, return_inverse=True)
-    one_hot = F.one_hot(group, uniq.size(0)).to(feats.dtype)  # [N, G]
+    # [N, G]; a comparison rather than F.one_hot, which rejects an empty batch.
+    one_hot = (group[:, None] == torch.arange(uniq.size(0), device=x.device)[None, :]).to(feats.dtype)
     counts = one_hot.sum(dim=0)
     centers = (one_hot.t() @ feats) / counts[:, None]
     return centers, uniq[:, 0].to(labels.dtype), uniq[:, 1].to(modalities.dtype)

@@ -1,0 +1,134 @@
+// CPU building blocks of batch_hard_triplet_loss, modality_centers and
+// cosine_softmax_loss: row norms, and a per-thread workspace that streams tiles
+// of dot products (one BLAS call per tile) past a block of rows, so that no
+// kernel ever holds a full N x M matrix.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace reid_ext {
+namespace cpu {
+namespace family {
+
+// Rows of the first operand per task, and rows of the second per tile: a tile of
+// 32 x 256 dot products (32 KiB in float32) stays in L2 while its epilogue reads it.
+constexpr int64_t kBlockRows = 32;
+constexpr int64_t kTileCols = 256;
+constexpr double kNormEps = 1e-12;
+
+// Rows per parallel task when each row costs `cost` operations: about 32768 per task, as
+// ATen's own grain, so that small problems stay on one thread.
+inline int64_t rows_per_task(int64_t cost) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cost, 1)); }
+
+// <a, b> with 8 independent partial sums in a fixed order: a single running sum is bound by
+// the latency of each addition (the compiler may not reorder float additions); 8 of them
+// vectorize and pipeline, and the result is still the same on every run.
+template <typename scalar_t>
+inline scalar_t dot_product(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t d) {
+  constexpr int64_t kLanes = 8;
+  scalar_t part[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= d; k += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[k + l] * b[k + l];
+  }
+  scalar_t tail = 0;
+  for (; k < d; ++k) tail += a[k] * b[k];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
+}
+
+// out[k] += scale * v[k]
+template <typename scalar_t>
+inline void add_scaled(scalar_t* __restrict__ out, scalar_t scale, const scalar_t* __restrict__ v, int64_t d) {
+  for (int64_t k = 0; k < d; ++k) out[k] += scale * v[k];
+}
+
+// Squared norm, 1 / max(norm, eps), and the radial factor of the normalization's
+// Jacobian (inv^2 where norm > eps; the clamp makes it 0 elsewhere) of every row.
+template <typename scalar_t>
+struct RowNorms {
+  std::vector<scalar_t> sq, inv, radial;
+
+  explicit RowNorms(const at::Tensor& a) : sq(a.size(0)), inv(a.size(0)), radial(a.size(0)) {
+    const int64_t d = a.size(1);
+    const scalar_t* data = a.data_ptr<scalar_t>();
+    const scalar_t eps = static_cast<scalar_t>(kNormEps);
+    at::parallel_for(0, a.size(0), rows_per_task(d), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* row = data + i * d;
+        const scalar_t s = dot_product(row, row, d);
+        sq[i] = s;
+        inv[i] = inverse_norm(s, eps);
+        radial[i] = math_sqrt(s) > eps ? inv[i] * inv[i] : scalar_t(0);
+      }
+    });
+  }
+};
+
+// One worker's scratch for streaming tiles of <a_i, b_j> over a block of rows of a.
+template <typename scalar_t>
+class TileStream {
+ public:
+  TileStream(const at::Tensor& a, const at::Tensor& b)
+      : a_(a), b_(b), dots_(at::empty({kBlockRows * kTileCols}, a.options())) {}
+
+  // Row-major [rows, cols] dot products of a[i0, i0 + rows) with b[j0, j0 + cols).
+  const scalar_t* dots(int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    at::Tensor out = dots_.narrow(0, 0, rows * cols).view({rows, cols});
+    at::mm_out(out, a_.narrow(0, i0, rows), b_.narrow(0, j0, cols).t());
+    return out.data_ptr<scalar_t>();
+  }
+
+  // Backward tiles: a [rows, cols] coefficient tile to fill, then acc[rows, D] += coef @ b[j0, j0 + cols).
+  scalar_t* coefficients() {
+    if (!coef_.defined()) {
+      coef_ = at::empty({kBlockRows * kTileCols}, a_.options());
+      acc_ = at::empty({kBlockRows, a_.size(1)}, a_.options());
+    }
+    return coef_.data_ptr<scalar_t>();
+  }
+
+  void clear_accumulator(int64_t rows) {
+    coefficients();
+    acc_.narrow(0, 0, rows).zero_();
+  }
+
+  void accumulate(int64_t rows, int64_t j0, int64_t cols) {
+    at::Tensor acc = acc_.narrow(0, 0, rows);
+    acc.addmm_(coef_.narrow(0, 0, rows * cols).view({rows, cols}), b_.narrow(0, j0, cols));
+  }
+
+  // Row r of the accumulator (D values).
+  const scalar_t* accumulated(int64_t r) const { return acc_.data_ptr<scalar_t>() + r * a_.size(1); }
+
+ private:
+  at::Tensor a_, b_, dots_, coef_, acc_;
+};
+
+// body(stream, i0, rows) for every block of kBlockRows rows of a, blocks in parallel,
+// one TileStream per worker. Autograd is off in the workers: the tiles are out= ops.
+template <typename scalar_t, typename Body>
+void for_each_row_block(const at::Tensor& a, const at::Tensor& b, const Body& body) {
+  const int64_t n = a.size(0);
+  at::parallel_for(0, (n + kBlockRows - 1) / kBlockRows, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd;
+    TileStream<scalar_t> stream(a, b);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t i0 = block * kBlockRows;
+      body(stream, i0, std::min(kBlockRows, n - i0));
+    }
+  });
+}
+
+}  // namespace family
+}  // namespace cpu
+}  // namespace reid_ext

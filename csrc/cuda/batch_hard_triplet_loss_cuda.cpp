@@ -1,0 +1,123 @@
+// batch_hard_triplet_loss on CUDA: checks, device guard, scratch from the caching
+// allocator, and launches on the current stream (no host synchronisation).
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_glue.h"
+#include "cuda/family_launch.h"
+
+namespace reid_ext {
+namespace cuda {
+namespace {
+
+// Splits of the forward's reference range; their partial results are 2 x N pairs each.
+constexpr int kMaxSplits = 64;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_loss_cuda(
+    const at::Tensor& x_in, const at::Tensor& labels_in, double margin, int64_t metric, bool soft_margin) {
+  check_batch_hard_inputs(x_in, labels_in, margin, metric);
+  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
+  const ScalarKind kind = scalar_kind(x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t n = x.size(0);
+  const auto float_options = x.options().dtype(at::kFloat);
+  const auto long_options = x.options().dtype(at::kLong);
+  at::Tensor loss = at::empty({n}, x.options());
+  at::Tensor valid = at::empty({n}, x.options().dtype(at::kBool));
+  at::Tensor pos_idx = at::empty({n}, long_options);
+  at::Tensor neg_idx = at::empty({n}, long_options);
+  at::Tensor dist_ap = at::empty({n}, float_options);
+  at::Tensor dist_an = at::empty({n}, float_options);
+  const int splits = column_splits(n, n, x.get_device(), kMaxSplits);
+  at::Tensor partial_dist = splits > 1 ? at::empty({splits, 2, n}, float_options) : at::Tensor();
+  at::Tensor partial_idx = splits > 1 ? at::empty({splits, 2, n}, long_options) : at::Tensor();
+  BatchHardForwardParams p{};
+  p.x = x.data_ptr();
+  p.labels = labels.data_ptr<int64_t>();
+  p.n = n;
+  p.d = x.size(1);
+  p.metric = static_cast<int>(metric);
+  p.margin = static_cast<float>(margin);
+  p.soft_margin = soft_margin;
+  p.kind = kind;
+  p.loss = loss.data_ptr();
+  p.valid = valid.data_ptr<bool>();
+  p.pos_idx = pos_idx.data_ptr<int64_t>();
+  p.neg_idx = neg_idx.data_ptr<int64_t>();
+  p.dist_ap = dist_ap.data_ptr<float>();
+  p.dist_an = dist_an.data_ptr<float>();
+  p.partial_dist = splits > 1 ? partial_dist.data_ptr<float>() : nullptr;
+  p.partial_idx = splits > 1 ? partial_idx.data_ptr<int64_t>() : nullptr;
+  p.splits = splits;
+  C10_CUDA_CHECK(launch_batch_hard_forward(p, c10::cuda::getCurrentCUDAStream()));
+  return {loss, valid, pos_idx, neg_idx, dist_ap, dist_an};
+}
+
+at::Tensor batch_hard_triplet_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& x_in,
+                                                 const at::Tensor& pos_idx_in, const at::Tensor& neg_idx_in,
+                                                 const at::Tensor& dist_ap_in, const at::Tensor& dist_an_in,
+                                                 double margin, int64_t metric, bool soft_margin) {
+  check_features(x_in, "x");
+  check_batch_hard_options(margin, metric);
+  check_index(pos_idx_in, "pos_idx", x_in, "x");
+  check_index(neg_idx_in, "neg_idx", x_in, "x");
+  check_per_row(grad_loss, "grad_loss", x_in);
+  check_per_row(dist_ap_in, "dist_ap", x_in);
+  check_per_row(dist_an_in, "dist_an", x_in);
+  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
+  const ScalarKind kind = scalar_kind(x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0);
+  const auto float_options = x.options().dtype(at::kFloat);
+  const at::Tensor pos_idx = pos_idx_in.to(at::kLong).contiguous();
+  const at::Tensor neg_idx = neg_idx_in.to(at::kLong).contiguous();
+  const at::Tensor grad = grad_loss.to(at::kFloat).contiguous();
+  const at::Tensor dist_ap = dist_ap_in.to(at::kFloat).contiguous();
+  const at::Tensor dist_an = dist_an_in.to(at::kFloat).contiguous();
+  // Pairs grouped by their reference row: a stable sort keeps each group in pair order, and
+  // searchsorted finds where each row's group starts (-1 = no pair sorts before all of them).
+  // Indices outside [-1, n) would fall outside every group and be ignored.
+  const auto [targets, pairs] = at::sort(at::cat({pos_idx, neg_idx}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor offsets = at::searchsorted(targets, at::arange(n + 1, pos_idx.options()));
+  at::Tensor scratch = at::empty({3, n}, float_options);
+  at::Tensor grad_x = at::empty_like(x);
+  BatchHardBackwardParams p{};
+  p.x = x.data_ptr();
+  p.grad_loss = grad.data_ptr<float>();
+  p.pos_idx = pos_idx.data_ptr<int64_t>();
+  p.neg_idx = neg_idx.data_ptr<int64_t>();
+  p.dist_ap = dist_ap.data_ptr<float>();
+  p.dist_an = dist_an.data_ptr<float>();
+  p.incoming_offsets = offsets.data_ptr<int64_t>();
+  p.incoming_pairs = pairs.data_ptr<int64_t>();
+  p.n = n;
+  p.d = x.size(1);
+  p.metric = static_cast<int>(metric);
+  p.margin = static_cast<float>(margin);
+  p.soft_margin = soft_margin;
+  p.kind = kind;
+  p.inv = scratch.data_ptr<float>();
+  p.radial = p.inv + n;
+  p.weight = p.inv + 2 * n;
+  p.grad_x = grad_x.data_ptr();
+  C10_CUDA_CHECK(launch_batch_hard_backward(p, c10::cuda::getCurrentCUDAStream()));
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reid_ext, CUDA, m) {
+  m.impl("batch_hard_triplet_loss", &batch_hard_triplet_loss_cuda);
+  m.impl("_batch_hard_triplet_loss_backward", &batch_hard_triplet_loss_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace reid_ext

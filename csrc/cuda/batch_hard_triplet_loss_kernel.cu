@@ -1,0 +1,220 @@
+// batch_hard_triplet_loss CUDA kernels.
+//
+// Forward: a block owns 64 anchors and streams 64-reference tiles of the batch
+// past them (tile_dots: FP32 dot products and squared norms in shared memory);
+// each thread turns its 4 x 4 pairs into distances and keeps, per anchor row,
+// its hardest positive and negative. The 16 lanes of a row are then merged, and
+// (for large batches split across grid.y) the splits by a merge kernel. The
+// candidates are ranked by a total order (Hardest in common.h), so every merge
+// order gives the sequential answer: NaN first, then the harder distance, then
+// the lower index. Nothing of size N x N is stored.
+// Backward: two distances per anchor, so O(N * D): one block per row k gathers
+// its own two pairs and the pairs that selected it (a CSR list from the glue),
+// in a fixed order: deterministic, no atomics.
+#include "cuda/family_launch.h"
+#include "cuda/family_tiles.cuh"
+
+namespace reid_ext {
+namespace cuda {
+namespace {
+
+constexpr int kBackwardThreads = 128;
+
+template <typename T>
+__device__ __forceinline__ void write_anchor(const BatchHardForwardParams& p, int64_t i, const Hardest<float>& pos,
+                                             const Hardest<float>& neg) {
+  const bool valid = pos.index >= 0 && neg.index >= 0;
+  // An anchor without a positive (negative) has no such distance; 0 keeps the outputs finite.
+  const float d_ap = pos.index >= 0 ? pos.dist : 0.f;
+  const float d_an = neg.index >= 0 ? neg.dist : 0.f;
+  p.valid[i] = valid;
+  p.pos_idx[i] = pos.index;
+  p.neg_idx[i] = neg.index;
+  p.dist_ap[i] = d_ap;
+  p.dist_an[i] = d_an;
+  store_float(static_cast<T*>(p.loss) + i, batch_hard_anchor_loss(d_ap, d_an, p.margin, p.soft_margin, valid));
+}
+
+// Merge over the 16 lanes (tx) that share a tile row; all 32 lanes of the warp must call it.
+__device__ __forceinline__ void row_lanes_hardest(Hardest<float>& h, bool largest) {
+#pragma unroll
+  for (int offset = 8; offset > 0; offset >>= 1) {
+    const float other_dist = __shfl_xor_sync(0xffffffffu, h.dist, offset);
+    const long long other_index = __shfl_xor_sync(0xffffffffu, static_cast<long long>(h.index), offset);
+    h.offer(other_dist, static_cast<int64_t>(other_index), largest);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) batch_hard_forward_kernel(const BatchHardForwardParams p) {
+  __shared__ DotTile tile;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t num_tiles = (p.n + kTile - 1) / kTile;
+  const int64_t per_split = (num_tiles + p.splits - 1) / p.splits;
+  const int64_t tile_begin = blockIdx.y * per_split;
+  const int64_t tile_end = min(num_tiles, tile_begin + per_split);
+  const T* x = static_cast<const T*>(p.x);
+
+  int64_t label[kMicro];
+#pragma unroll
+  for (int u = 0; u < kMicro; ++u) {
+    const int64_t i = i0 + ty * kMicro + u;
+    label[u] = i < p.n ? p.labels[i] : 0;
+  }
+  Hardest<float> pos[kMicro], neg[kMicro];
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    const int64_t j0 = t * kTile;
+    float acc[kMicro][kMicro];
+    tile_dots(x, p.n, i0, x, p.n, j0, p.d, tile, acc);
+#pragma unroll
+    for (int u = 0; u < kMicro; ++u) {
+      const int r = ty * kMicro + u;
+      const int64_t i = i0 + r;
+      if (i >= p.n) continue;
+      const float sq_i = tile.sq_a[r], inv_i = inverse_norm(sq_i, kNormEps);
+      // This thread's columns increase with v and with t, as offer_in_order requires.
+#pragma unroll
+      for (int v = 0; v < kMicro; ++v) {
+        const int c = tx * kMicro + v;
+        const int64_t j = j0 + c;
+        if (j >= p.n || j == i) continue;
+        const float sq_j = tile.sq_b[c];
+        const float dist = pair_distance<float>(p.metric, acc[u][v], sq_i, sq_j, inv_i, inverse_norm(sq_j, kNormEps));
+        if (p.labels[j] == label[u]) {
+          pos[u].offer_in_order(dist, j, true);
+        } else {
+          neg[u].offer_in_order(dist, j, false);
+        }
+      }
+    }
+    // tile_dots synchronises before it overwrites the tile, so no barrier is needed here.
+  }
+
+#pragma unroll
+  for (int u = 0; u < kMicro; ++u) {
+    row_lanes_hardest(pos[u], true);
+    row_lanes_hardest(neg[u], false);
+  }
+  if (tx != 0) return;
+#pragma unroll
+  for (int u = 0; u < kMicro; ++u) {
+    const int64_t i = i0 + ty * kMicro + u;
+    if (i >= p.n) continue;
+    if (p.splits == 1) {
+      write_anchor<T>(p, i, pos[u], neg[u]);
+    } else {
+      const int64_t base = static_cast<int64_t>(blockIdx.y) * 2 * p.n;
+      p.partial_dist[base + i] = pos[u].dist;
+      p.partial_idx[base + i] = pos[u].index;
+      p.partial_dist[base + p.n + i] = neg[u].dist;
+      p.partial_idx[base + p.n + i] = neg[u].index;
+    }
+  }
+}
+
+template <typename T>
+__global__ void batch_hard_merge_kernel(const BatchHardForwardParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.n) return;
+  Hardest<float> pos, neg;
+  for (int s = 0; s < p.splits; ++s) {
+    const int64_t base = static_cast<int64_t>(s) * 2 * p.n;
+    pos.offer(p.partial_dist[base + i], p.partial_idx[base + i], true);
+    neg.offer(p.partial_dist[base + p.n + i], p.partial_idx[base + p.n + i], false);
+  }
+  write_anchor<T>(p, i, pos, neg);
+}
+
+// Per row: inv and radial of the normalization (cosine metric) and the anchor's dL/d(d_ap).
+// One warp per row, as family_row_norms_kernel.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) batch_hard_row_stats_kernel(const BatchHardBackwardParams p) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerRowBlock + threadIdx.x / kWarp;
+  if (r >= p.n) return;  // whole warps leave together
+  const int lane = threadIdx.x % kWarp;
+  const T* x = static_cast<const T*>(p.x);
+  float sq = 0.f;
+  for (int64_t k = lane; k < p.d; k += kWarp) {
+    const float value = load_float(x + r * p.d + k);
+    sq = fmaf(value, value, sq);
+  }
+  sq = warp_sum(sq);
+  if (lane == 0) {
+    const float inverse = inverse_norm(sq, kNormEps);
+    p.inv[r] = inverse;
+    p.radial[r] = sqrtf(sq) > kNormEps ? inverse * inverse : 0.f;
+    const bool valid = p.pos_idx[r] >= 0 && p.neg_idx[r] >= 0;
+    p.weight[r] = batch_hard_anchor_weight(p.grad_loss[r], p.dist_ap[r], p.dist_an[r], p.margin, p.soft_margin, valid);
+  }
+}
+
+// grad_x[k] = sum over the pairs (k, other) that contain row k of coef * d dist / d x_k, with
+// coef = +w for a hardest positive pair and -w for a hardest negative pair of its anchor.
+template <typename T>
+__global__ void __launch_bounds__(kBackwardThreads) batch_hard_backward_kernel(const BatchHardBackwardParams p) {
+  const int64_t k = blockIdx.x;
+  const T* x = static_cast<const T*>(p.x);
+  T* grad = static_cast<T*>(p.grad_x);
+  const int64_t begin = p.incoming_offsets[k], end = p.incoming_offsets[k + 1];
+  const float inv_k = p.inv[k], radial_k = p.radial[k];
+  for (int64_t c = threadIdx.x; c < p.d; c += blockDim.x) {
+    float self = 0.f, acc = 0.f;
+    auto add_pair = [&](int64_t other, float coef, float dist) {
+      if (coef == 0.f) return;
+      const PairGrad<float> g = distance_grad<float>(p.metric, dist, inv_k, p.inv[other], radial_k);
+      self += coef * g.self;
+      acc = fmaf(coef * g.other, load_float(x + other * p.d + c), acc);
+    };
+    // The indices come from the forward; the bounds keep a hand-made call from reading outside x.
+    if (p.pos_idx[k] >= 0 && p.pos_idx[k] < p.n) add_pair(p.pos_idx[k], p.weight[k], p.dist_ap[k]);
+    if (p.neg_idx[k] >= 0 && p.neg_idx[k] < p.n) add_pair(p.neg_idx[k], -p.weight[k], p.dist_an[k]);
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t pair = p.incoming_pairs[e];
+      if (pair < p.n) {
+        add_pair(pair, p.weight[pair], p.dist_ap[pair]);
+      } else {
+        add_pair(pair - p.n, -p.weight[pair - p.n], p.dist_an[pair - p.n]);
+      }
+    }
+    store_float(grad + k * p.d + c, fmaf(self, load_float(x + k * p.d + c), acc));
+  }
+}
+
+template <typename T>
+cudaError_t forward_typed(const BatchHardForwardParams& p, cudaStream_t stream) {
+  const dim3 grid(blocks_for(p.n, kTile), p.splits);
+  batch_hard_forward_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  if (p.splits > 1) batch_hard_merge_kernel<T><<<blocks_for(p.n, 256), 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_typed(const BatchHardBackwardParams& p, cudaStream_t stream) {
+  batch_hard_row_stats_kernel<T><<<blocks_for(p.n, kWarpsPerRowBlock), kRowThreads, 0, stream>>>(p);
+  batch_hard_backward_kernel<T><<<static_cast<unsigned>(p.n), kBackwardThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_batch_hard_forward(const BatchHardForwardParams& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  switch (p.kind) {
+    case ScalarKind::kFloat16: return forward_typed<__half>(p, stream);
+    case ScalarKind::kBFloat16: return forward_typed<__nv_bfloat16>(p, stream);
+    default: return forward_typed<float>(p, stream);
+  }
+}
+
+cudaError_t launch_batch_hard_backward(const BatchHardBackwardParams& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  switch (p.kind) {
+    case ScalarKind::kFloat16: return backward_typed<__half>(p, stream);
+    case ScalarKind::kBFloat16: return backward_typed<__nv_bfloat16>(p, stream);
+    default: return backward_typed<float>(p, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace reid_ext

@@ -1,0 +1,118 @@
+// cosine_softmax_loss on CUDA: checks, device guard, the products with the class
+// weights through cuBLAS (at::mm on the current stream), and the fused kernels
+// around them. No host synchronisation.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_glue.h"
+#include "cuda/family_launch.h"
+
+namespace reid_ext {
+namespace cuda {
+namespace {
+
+struct Prepared {
+  at::Tensor x, weight, labels, x_float, weight_float, dots, norms;
+  CosineSoftmaxParams params;
+};
+
+// Contiguous inputs, their float32 versions (the same tensors for float32 inputs), the dot
+// products x @ weight^T in float32 (a half-precision product would round every cosine to
+// half precision) and the float32 scratch for the norms.
+Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels_in, double scale,
+                 double margin, double label_smoothing) {
+  check_cosine_softmax_inputs(x_in, weight_in, labels_in, scale, label_smoothing);
+  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
+  const ScalarKind kind = scalar_kind(x_in, "x");
+  Prepared pr;
+  pr.x = x_in.contiguous();
+  pr.weight = weight_in.contiguous();
+  pr.labels = labels_in.to(at::kLong).contiguous();
+  pr.x_float = pr.x.to(at::kFloat);
+  pr.weight_float = pr.weight.to(at::kFloat);
+  pr.dots = at::mm(pr.x_float, pr.weight_float.t());
+  const int64_t n = pr.x.size(0), c = pr.weight.size(0);
+  pr.norms = at::empty({2 * (n + c)}, pr.x.options().dtype(at::kFloat));
+  CosineSoftmaxParams& p = pr.params;
+  p.x = pr.x.data_ptr();
+  p.weight = pr.weight.data_ptr();
+  p.dots = pr.dots.data_ptr<float>();
+  p.labels = pr.labels.data_ptr<int64_t>();
+  p.n = n;
+  p.c = c;
+  p.d = pr.x.size(1);
+  p.scale = static_cast<float>(scale);
+  p.margin = static_cast<float>(margin);
+  p.smoothing = static_cast<float>(label_smoothing);
+  p.kind = kind;
+  p.inv_x = pr.norms.data_ptr<float>();
+  p.radial_x = p.inv_x + n;
+  p.inv_w = p.inv_x + 2 * n;
+  p.radial_w = p.inv_w + c;
+  return pr;
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                            const at::Tensor& labels, double scale, double margin,
+                                                            double label_smoothing) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Prepared pr = prepare(x, weight, labels, scale, margin, label_smoothing);
+  at::Tensor loss = at::empty({pr.params.n}, pr.x.options());
+  at::Tensor lse = at::empty({pr.params.n}, pr.x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(launch_cosine_softmax_forward(pr.params, loss.data_ptr(), lse.data_ptr<float>(),
+                                               c10::cuda::getCurrentCUDAStream()));
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels,
+    const at::Tensor& lse_in, double scale, double margin, double label_smoothing, bool x_requires_grad,
+    bool weight_requires_grad) {
+  check_per_row(grad_loss, "grad_loss", x_in);
+  check_per_row(lse_in, "lse", x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Prepared pr = prepare(x_in, weight_in, labels, scale, margin, label_smoothing);
+  const CosineSoftmaxParams& p = pr.params;
+  const at::Tensor empty = at::empty({0, p.d}, pr.x.options());
+  if (p.n == 0) {  // no anchor, no gradient (and nothing for the kernels to do)
+    return {x_requires_grad ? at::zeros_like(pr.x) : empty, weight_requires_grad ? at::zeros_like(pr.weight) : empty};
+  }
+  const auto float_options = pr.x.options().dtype(at::kFloat);
+  const at::Tensor grad = grad_loss.to(at::kFloat).contiguous();
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  at::Tensor coef = at::empty({p.n, p.c}, float_options);
+  at::Tensor row_sum = at::empty({p.n}, float_options);
+  at::Tensor col_sum = at::empty({weight_requires_grad ? p.c : 0}, float_options);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(launch_cosine_softmax_coefficients(p, grad.data_ptr<float>(), lse.data_ptr<float>(),
+                                                    coef.data_ptr<float>(), row_sum.data_ptr<float>(),
+                                                    weight_requires_grad ? col_sum.data_ptr<float>() : nullptr,
+                                                    stream));
+  at::Tensor grad_x = empty, grad_w = empty;
+  if (x_requires_grad) {
+    const at::Tensor acc = at::mm(coef, pr.weight_float);
+    grad_x = at::empty_like(pr.x);
+    C10_CUDA_CHECK(launch_cosine_softmax_finish(p, true, acc.data_ptr<float>(), row_sum.data_ptr<float>(),
+                                                grad_x.data_ptr(), stream));
+  }
+  if (weight_requires_grad) {
+    const at::Tensor acc = at::mm(coef.t(), pr.x_float);
+    grad_w = at::empty_like(pr.weight);
+    C10_CUDA_CHECK(launch_cosine_softmax_finish(p, false, acc.data_ptr<float>(), col_sum.data_ptr<float>(),
+                                                grad_w.data_ptr(), stream));
+  }
+  return {grad_x, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reid_ext, CUDA, m) {
+  m.impl("cosine_softmax_loss", &cosine_softmax_loss_cuda);
+  m.impl("_cosine_softmax_loss_backward", &cosine_softmax_loss_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace reid_ext

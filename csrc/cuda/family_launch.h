@@ -1,0 +1,119 @@
+// Launch parameters of the CUDA kernels of batch_hard_triplet_loss,
+// modality_centers and cosine_softmax_loss: raw pointers and sizes only, shared
+// by the torch glue (*_cuda.cpp) and the kernels (*_kernel.cu), which include no
+// torch headers. Scratch buffers come from the glue (the caching allocator).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/launch.h"
+
+namespace reid_ext {
+namespace cuda {
+
+// ---- batch_hard_triplet_loss
+
+struct BatchHardForwardParams {
+  const void* x;          // [n, d]
+  const int64_t* labels;  // [n]
+  int64_t n, d;
+  int metric;
+  float margin;
+  bool soft_margin;
+  ScalarKind kind;
+  void* loss;        // [n], dtype of x
+  bool* valid;       // [n]
+  int64_t* pos_idx;  // [n]
+  int64_t* neg_idx;  // [n]
+  float* dist_ap;    // [n]
+  float* dist_an;    // [n]
+  // With splits > 1 the reference range is split across blocks (grid.y); each writes the
+  // hardest positive and negative of its range ([splits, 2, n]) for a merge kernel.
+  float* partial_dist;
+  int64_t* partial_idx;
+  int splits;
+};
+
+struct BatchHardBackwardParams {
+  const void* x;             // [n, d]
+  const float* grad_loss;    // [n]
+  const int64_t* pos_idx;    // [n]
+  const int64_t* neg_idx;    // [n]
+  const float* dist_ap;      // [n]
+  const float* dist_an;      // [n]
+  // Pair p < n is (anchor p, pos_idx[p]), pair p >= n is (anchor p - n, neg_idx[p - n]).
+  // incoming_pairs[incoming_offsets[k], incoming_offsets[k + 1]) are the pairs whose
+  // reference is row k, in increasing p.
+  const int64_t* incoming_offsets;  // [n + 1]
+  const int64_t* incoming_pairs;    // [2n]
+  int64_t n, d;
+  int metric;
+  float margin;
+  bool soft_margin;
+  ScalarKind kind;
+  // float32 scratch [n]: 1 / max(|x_i|, eps), its radial factor, and dL/d(d_ap) of each anchor.
+  float* inv;
+  float* radial;
+  float* weight;
+  void* grad_x;  // [n, d], dtype of x
+};
+
+cudaError_t launch_batch_hard_forward(const BatchHardForwardParams& p, cudaStream_t stream);
+cudaError_t launch_batch_hard_backward(const BatchHardBackwardParams& p, cudaStream_t stream);
+
+// ---- modality_centers
+
+struct CentersParams {
+  const void* x;         // [n, d]
+  const int64_t* group;  // [n]
+  // Forward: members[offsets[g], offsets[g + 1]) are the rows of group g in increasing order.
+  const int64_t* offsets;  // [num_groups + 1]
+  const int64_t* members;  // [n]
+  // Backward: the group sizes the forward returned.
+  const int64_t* counts;  // [num_groups]
+  int64_t n, d, num_groups;
+  bool normalize;
+  ScalarKind kind;
+  float* inv;  // float32 scratch [n]
+};
+
+// centers[g] = mean over the members of g of x_i (* inv_i with normalize); [num_groups, d], dtype of x.
+cudaError_t launch_centers_forward(const CentersParams& p, void* centers, cudaStream_t stream);
+// grad_x[i] = J_i^T grad_centers[group[i]] / |group[i]|; grad_centers [num_groups, d] float32.
+cudaError_t launch_centers_backward(const CentersParams& p, const float* grad_centers, void* grad_x,
+                                    cudaStream_t stream);
+
+// ---- cosine_softmax_loss
+
+struct CosineSoftmaxParams {
+  const void* x;       // [n, d]
+  const void* weight;  // [c, d]
+  const float* dots;   // [n, c] = x @ weight^T in float32 (from cuBLAS)
+  const int64_t* labels;  // [n]
+  int64_t n, c, d;
+  float scale, margin, smoothing;
+  ScalarKind kind;
+  // float32 scratch: inverse norms and radial factors of the rows of x and of weight.
+  float* inv_x;     // [n]
+  float* radial_x;  // [n]
+  float* inv_w;     // [c]
+  float* radial_w;  // [c]
+};
+
+// loss [n] (dtype of x) and the log-sum-exp of each row's logits, lse [n] (float32).
+cudaError_t launch_cosine_softmax_forward(const CosineSoftmaxParams& p, void* loss, float* lse, cudaStream_t stream);
+
+// coef[i, j] = G_ij * inv_x[i] * inv_w[j] with G = dL/dcos, row_sum[i] = sum_j G_ij cos_ij and,
+// unless col_sum is null, col_sum[j] = sum_i G_ij cos_ij.
+cudaError_t launch_cosine_softmax_coefficients(const CosineSoftmaxParams& p, const float* grad_loss, const float* lse,
+                                               float* coef, float* row_sum, float* col_sum, cudaStream_t stream);
+
+// out[r] = acc[r] - radial[r] * sums[r] * rows[r] for rows = x (rows_are_anchors) or weight:
+// the normalization Jacobian applied after acc = coef @ weight (or coef^T @ x) went through cuBLAS.
+cudaError_t launch_cosine_softmax_finish(const CosineSoftmaxParams& p, bool rows_are_anchors, const float* acc,
+                                         const float* sums, void* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace reid_ext
