@@ -30,7 +30,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(reid_ext, m) {
   m.def("cosine_similarity(Tensor x, Tensor? y, float eps) -> Tensor");
-  m.def("_cosine_similarity_backward(Tensor grad, Tensor sim, Tensor x, Tensor? y, float eps) -> (Tensor, Tensor)");
+  // Needs no S: the radial term of the normalization Jacobian is xn_i . (sum_j dS_ij yn_j).
+  m.def("_cosine_similarity_backward(Tensor grad, Tensor x, Tensor? y, float eps) -> (Tensor, Tensor)");
   // Per-anchor loss, validity and the two log-sum-exps that the backward reuses.
   m.def(
       "unified_triplet_loss(Tensor x, Tensor labels, Tensor? modalities, Tensor? ref, Tensor? ref_labels, "

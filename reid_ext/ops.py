@@ -51,7 +51,7 @@ def _cosine_similarity_fake(x, y, eps):
 
 
 @torch.library.register_fake("reid_ext::_cosine_similarity_backward")
-def _cosine_similarity_backward_fake(grad, sim, x, y, eps):
+def _cosine_similarity_backward_fake(grad, x, y, eps):
     return torch.empty_like(x), (x.new_empty(0, x.size(1)) if y is None else torch.empty_like(y))
 
 
@@ -59,12 +59,12 @@ def _cosine_similarity_setup(ctx, inputs, output):
     x, y, eps = inputs
     ctx.eps = eps
     ctx.has_y = y is not None
-    ctx.save_for_backward(output, x, y)
+    ctx.save_for_backward(x, y)
 
 
 def _cosine_similarity_backward(ctx, grad):
-    sim, x, y = ctx.saved_tensors
-    grad_x, grad_y = torch.ops.reid_ext._cosine_similarity_backward.default(grad, sim, x, y, ctx.eps)
+    x, y = ctx.saved_tensors
+    grad_x, grad_y = torch.ops.reid_ext._cosine_similarity_backward.default(grad, x, y, ctx.eps)
     return grad_x, (grad_y if ctx.has_y else None), None
 
 

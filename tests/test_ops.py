@@ -226,7 +226,7 @@ def _opcheck_cases(device):
     return [
         (ops.cosine_similarity.default, (x, y, 1e-12)),
         (ops.cosine_similarity.default, (x, None, 1e-12)),
-        (ops._cosine_similarity_backward.default, (torch.ones_like(sim), sim, x.detach(), y.detach(), 1e-12)),
+        (ops._cosine_similarity_backward.default, (torch.ones_like(sim), x.detach(), y.detach(), 1e-12)),
         (ops.unified_triplet_loss.default, (x, labels, None, None, None, None, 4.0, 0.25, 0)),
         (ops.unified_triplet_loss.default, (x, labels, mods, y, ref_labels, ref_mods, 4.0, 0.25, 1)),
         (ops._unified_triplet_loss_backward.default,

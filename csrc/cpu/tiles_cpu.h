@@ -93,6 +93,24 @@ void inverse_norms(const at::Tensor& x, scalar_t eps, std::vector<scalar_t>& inv
   });
 }
 
+// In place, p_i <- dL/da_i = inv_i * (p_i - an_i (an_i . p_i)) with an_i = inv_i a_i and
+// p_i = dL/dan_i; where |a_i| <= eps (radial_scale 0) the clamp makes it inv_i * p_i.
+template <typename scalar_t>
+void normalization_backward(const at::Tensor& a, const std::vector<scalar_t>& inv,
+                            const std::vector<scalar_t>& radial_scale, at::Tensor& p) {
+  const int64_t d = a.size(1);
+  const scalar_t* a_data = a.data_ptr<scalar_t>();
+  scalar_t* out = p.data_ptr<scalar_t>();
+  at::parallel_for(0, a.size(0), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t dot = 0;
+      for (int64_t k = 0; k < d; ++k) dot += a_data[i * d + k] * out[i * d + k];
+      const scalar_t scale = inv[i], shrink = radial_scale[i] * inv[i] * dot;
+      for (int64_t k = 0; k < d; ++k) out[i * d + k] = scale * out[i * d + k] - shrink * a_data[i * d + k];
+    }
+  });
+}
+
 // dots[r, c] = <a[a0 + r], b[b0 + c]> for a tile, written into scratch.
 inline at::Tensor tile_dots(at::Tensor& scratch, const at::Tensor& a, int64_t a0, int64_t rows,
                             const at::Tensor& b, int64_t b0, int64_t cols) {

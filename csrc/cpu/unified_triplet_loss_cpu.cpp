@@ -145,15 +145,13 @@ struct AnchorGrad {
 };
 
 // g[r, c] = dL/dS of the tile's pairs: (anchor r, reference c) with kRows, plus
-// (anchor c, reference r) with kCols; radial_rows[r] += sum_c g*s and, with
-// kRadialCols, radial_cols[c] += sum_r g*s. The flags are template arguments so
-// that the element loop has no branches and vectorizes.
-template <typename scalar_t, bool kRows, bool kCols, bool kRadialCols>
+// (anchor c, reference r) with kCols. The flags are template arguments so that
+// the element loop has no branches and vectorizes.
+template <typename scalar_t, bool kRows, bool kCols>
 REID_EXT_ALWAYS_INLINE void pair_grads_impl(const scalar_t* dots, int64_t rows_n, int64_t cols_n, int64_t self_shift,
                                             Side<scalar_t> a, Side<scalar_t> b, const AnchorGrad<scalar_t>* rows,
                                             const AnchorGrad<scalar_t>* cols, int mode, scalar_t gamma,
-                                            scalar_t margin, scalar_t* g, scalar_t* radial_rows,
-                                            scalar_t* radial_cols) {
+                                            scalar_t margin, scalar_t* g) {
   const bool any_modality = mode == kModeAll, want_other = mode == kModeCross;  // as in pair_values_impl
   for (int64_t r = 0; r < rows_n; ++r) {
     const int64_t label = a.labels[r];
@@ -164,8 +162,7 @@ REID_EXT_ALWAYS_INLINE void pair_grads_impl(const scalar_t* dots, int64_t rows_n
     const scalar_t pos_r = kRows ? rows->shift_pos[r] : scalar_t(0);
     const scalar_t* d = dots + r * cols_n;
     scalar_t* gr = g + r * cols_n;
-    // One pair: writes g, returns g*s for the radial sums.
-    auto pair = [&](int64_t c) __attribute__((always_inline)) {
+    for (int64_t c = 0; c < cols_n; ++c) {
       const scalar_t s = d[c] * inv_r * b.inv[c];
       // Every load unconditional and no short-circuit: the loop must if-convert to vectorize.
       const int64_t label_c = b.labels[c], modality_c = b.modalities[c];
@@ -177,25 +174,13 @@ REID_EXT_ALWAYS_INLINE void pair_grads_impl(const scalar_t* dots, int64_t rows_n
         const scalar_t e = vexp(same ? pos_arg - pos_r : neg_arg - neg_r);
         value += (same ? -w_r : w_r) * gamma * e;
       }
-      if (kCols) {  // loads hoisted out of the selects, so that they if-convert
+      if (kCols) {
         const scalar_t w_c = cols->weight[c], neg_c = cols->shift_neg[c], pos_c = cols->shift_pos[c];
         const scalar_t e = vexp(same ? pos_arg - pos_c : neg_arg - neg_c);
         value += (same ? -w_c : w_c) * gamma * e;
       }
-      value = allowed ? value : scalar_t(0);
-      gr[c] = value;
-      if (kRadialCols) radial_cols[c] += value * s;
-      return value * s;
-    };
-    // The row's radial sum in kLanes independent accumulators, so that the loop vectorizes.
-    scalar_t lanes[kLanes] = {};
-    const int64_t body = cols_n - cols_n % kLanes;
-    for (int64_t c0 = 0; c0 < body; c0 += kLanes)
-      for (int l = 0; l < kLanes; ++l) lanes[l] += pair(c0 + l);
-    scalar_t radial = 0;
-    for (int l = 0; l < kLanes; ++l) radial += lanes[l];
-    for (int64_t c = body; c < cols_n; ++c) radial += pair(c);
-    radial_rows[r] += radial;
+      gr[c] = allowed ? value : scalar_t(0);
+    }
   }
 }
 
@@ -215,19 +200,13 @@ REID_EXT_ALWAYS_INLINE void pair_grads_impl(const scalar_t* dots, int64_t rows_n
   }                                                                                                               \
   REID_EXT_CPU_CLONES void pair_grads(const T* dots, int64_t rows_n, int64_t cols_n, int64_t self_shift, Side<T> a, \
                                       Side<T> b, const AnchorGrad<T>* rows, const AnchorGrad<T>* cols, int mode,  \
-                                      T gamma, T margin, T* g, T* radial_rows, T* radial_cols) {                  \
-    if (rows && cols && radial_cols)                                                                              \
-      pair_grads_impl<T, true, true, true>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma,       \
-                                           margin, g, radial_rows, radial_cols);                                  \
-    else if (rows && cols)                                                                                        \
-      pair_grads_impl<T, true, true, false>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma,      \
-                                            margin, g, radial_rows, radial_cols);                                 \
+                                      T gamma, T margin, T* g) {                                                   \
+    if (rows && cols)                                                                                             \
+      pair_grads_impl<T, true, true>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma, margin, g); \
     else if (rows)                                                                                                \
-      pair_grads_impl<T, true, false, false>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma,     \
-                                             margin, g, radial_rows, radial_cols);                                \
+      pair_grads_impl<T, true, false>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma, margin, g);\
     else                                                                                                          \
-      pair_grads_impl<T, false, true, false>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma,     \
-                                             margin, g, radial_rows, radial_cols);                                \
+      pair_grads_impl<T, false, true>(dots, rows_n, cols_n, self_shift, a, b, rows, cols, mode, gamma, margin, g);\
   }
 REID_EXT_ELEMENT_LOOPS(float)
 REID_EXT_ELEMENT_LOOPS(double)
@@ -382,21 +361,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_
   return {loss, valid, lse_neg, lse_pos};
 }
 
-// grad[i] = inv_i * acc[i] - a_i * radial_scale_i * radial[i]: the normalization
-// Jacobian applied to acc[i] = sum_j dL/dS_ij inv_j b_j, in place.
+// In place, acc_i = sum_j dL/dS_ij inv_j b_j = dL/d(normalized a_i) becomes dL/da_i.
 template <typename scalar_t>
-void apply_normalization(const at::Tensor& a, const std::vector<scalar_t>& radial, at::Tensor& grad) {
+void apply_normalization(const at::Tensor& a, at::Tensor& grad) {
   std::vector<scalar_t> inv, radial_scale;
   inverse_norms<scalar_t>(a, scalar_t(kNormEps), inv, &radial_scale);
-  const int64_t d = a.size(1);
-  const scalar_t* a_data = a.data_ptr<scalar_t>();
-  scalar_t* out = grad.data_ptr<scalar_t>();
-  at::parallel_for(0, a.size(0), 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t scale = inv[i], shrink = radial_scale[i] * radial[i];
-      for (int64_t k = 0; k < d; ++k) out[i * d + k] = scale * out[i * d + k] - shrink * a_data[i * d + k];
-    }
-  });
+  normalization_backward<scalar_t>(a, inv, radial_scale, grad);
 }
 
 // grad_x, and grad_ref when asked: acc_I += (g * inv_J) @ B_J per tile, then the Jacobian.
@@ -416,7 +386,6 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
     return AnchorGrad<scalar_t>{weight.data() + first, shift_neg.data() + first, shift_pos.data() + first};
   };
   const auto tile_size = max_tile(n, in.self_ref);
-  std::vector<scalar_t> radial_x(n, 0), radial_ref(grad_ref ? m : 0, 0);
   std::vector<std::unique_ptr<TileScratch<scalar_t>>> scratch(at::get_num_threads());
   grad_x.zero_();
   if (grad_ref) grad_ref->zero_();
@@ -432,7 +401,7 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
     // For the batch against itself S is symmetric, so x_i receives dL/dS_ij + dL/dS_ji: g carries
     // both, and a mirrored tile also sends it back to its column anchors. Against a bank, rows are the anchors.
     pair_grads(dots, rows, cols, t.self_shift, a, b, &row_anchor, in.self_ref ? &col_anchor : nullptr, pb.mode,
-               pb.gamma, pb.margin, s->a.data(), radial_x.data() + i0, t.mirrored ? radial_x.data() + j0 : nullptr);
+               pb.gamma, pb.margin, s->a.data());
     // Row side: acc_I += (g * inv_J) @ B_J.
     const scalar_t* g = s->a.data();
     scalar_t* scaled = s->b.data();
@@ -446,7 +415,7 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
       grad_x.narrow(0, j0, cols).addmm_(coef.t(), in.x.narrow(0, i0, rows));
     }
   });
-  apply_normalization<scalar_t>(in.x, radial_x, grad_x);
+  apply_normalization<scalar_t>(in.x, grad_x);
   if (!grad_ref) return;
 
   // The bank's gradient is a column reduction: visit bank blocks in parallel as rows, anchors as columns.
@@ -461,7 +430,7 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
         const Side<scalar_t> refs = pb.references(r0), anchors = pb.anchors(c0);
         const AnchorGrad<scalar_t> col_anchor = anchor_grad(c0);
         pair_grads(dots, rows, cols, kNoSelfPairs, refs, anchors, nullptr, &col_anchor, pb.mode, pb.gamma, pb.margin,
-                   s.a.data(), radial_ref.data() + r0, nullptr);
+                   s.a.data());
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < cols; ++c) s.b[r * cols + c] = s.a[r * cols + c] * anchors.inv[c];
         at::Tensor coef = at::from_blob(s.b.data(), {rows, cols}, in.x.options());
@@ -469,7 +438,7 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
       }
     }
   });
-  apply_normalization<scalar_t>(in.ref, radial_ref, *grad_ref);
+  apply_normalization<scalar_t>(in.ref, *grad_ref);
 }
 
 std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cpu(

@@ -2,9 +2,10 @@
 //
 // Forward: one 64 x 64 output tile per block, dot products of the raw features
 // with the norms taken from the same shared-memory tiles, normalized in the
-// epilogue (no normalized copies). Backward, per side:
-// grad_a[i] = inv_a[i] * sum_j c_ij inv_b[j] b_j - a_i * radial_a[i] * sum_j c_ij S_ij,
-// one block per 64 rows x 64 feature columns, streaming 64-column tiles of c.
+// epilogue (no normalized copies). Backward, per side: p_i = sum_j c_ij bn_j
+// with one block per 64 rows x 64 feature columns streaming 64-column tiles of
+// c, then the normalization Jacobian grad_a[i] = inv_a[i] (p_i - an_i (an_i . p_i))
+// one warp per row (the radial term needs no S).
 #include "cuda/tile_gemm.cuh"
 
 namespace reid_ext {
@@ -53,20 +54,13 @@ __global__ void inverse_norms_kernel(const T* __restrict__ v, int64_t rows, int6
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    cosine_backward_kernel(const CosineBackwardParams p) {
-  const float* __restrict__ inv_a = p.inv_a;
-  const float* __restrict__ radial_a = p.radial_a;
-  const float* __restrict__ inv_b = p.inv_b;
+__global__ void __launch_bounds__(kThreads) cosine_backward_product_kernel(const CosineBackwardParams p) {
   __shared__ float coef[kTile][kTile + 1];
   __shared__ float b_chunk[kTile][kTile];
-  __shared__ float radial_rows[kTile];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, k0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
   float out[kMicro][kMicro] = {};
-  float radial = 0.f;  // thread tid < 64 accumulates sum_j c_ij S_ij of row i0 + tid
   for (int64_t j0 = 0; j0 < p.cols; j0 += kTile) {
     for (int l = tid; l < kTile * kTile; l += kThreads) {
       const int r = l / kTile, c = l % kTile;
@@ -75,20 +69,10 @@ __global__ void __launch_bounds__(kThreads)
       if (i < p.rows && j < p.cols) {
         value = p.grad[i * p.row_stride + j * p.col_stride];
         if (p.add_transpose) value += p.grad[j * p.row_stride + i * p.col_stride];
+        value *= p.inv_b[j];
       }
       coef[r][c] = value;
       b_chunk[r][c] = (j0 + r < p.cols && k0 + c < p.d) ? load_float(b + (j0 + r) * p.d + k0 + c) : 0.f;
-    }
-    __syncthreads();
-    if (tid < kTile && i0 + tid < p.rows) {
-      for (int c = 0; c < kTile && j0 + c < p.cols; ++c) {
-        radial = fmaf(coef[tid][c], p.sim[(i0 + tid) * p.row_stride + (j0 + c) * p.col_stride], radial);
-      }
-    }
-    __syncthreads();  // the radial sum read coef before it is scaled
-    for (int l = tid; l < kTile * kTile; l += kThreads) {
-      const int r = l / kTile, c = l % kTile;
-      if (j0 + c < p.cols) coef[r][c] *= inv_b[j0 + c];
     }
     __syncthreads();
     for (int c = 0; c < kTile; ++c) {
@@ -104,20 +88,34 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-  if (tid < kTile) radial_rows[tid] = radial;
-  __syncthreads();
-  T* grad_a = static_cast<T*>(p.grad_a);
 #pragma unroll
   for (int u = 0; u < kMicro; ++u) {
-    const int r = ty * kMicro + u;
-    const int64_t i = i0 + r;
+    const int64_t i = i0 + ty * kMicro + u;
     if (i >= p.rows) continue;
-    const float shrink = radial_a[i] * radial_rows[r];
 #pragma unroll
     for (int v = 0; v < kMicro; ++v) {
       const int64_t k = k0 + tx * kMicro + v;
-      if (k < p.d) store_float(grad_a + i * p.d + k, inv_a[i] * out[u][v] - load_float(a + i * p.d + k) * shrink);
+      if (k < p.d) p.product[i * p.d + k] = out[u][v];
     }
+  }
+}
+
+// grad_a[i] = inv_a[i] * p_i - a_i * radial_a[i] * inv_a[i] * (a_i . p_i); one warp per row.
+template <typename T>
+__global__ void cosine_backward_finish_kernel(const CosineBackwardParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (i >= p.rows) return;  // whole warps leave together
+  const int lane = threadIdx.x % 32;
+  const T* a = static_cast<const T*>(p.a);
+  const float* prod = p.product + i * p.d;
+  float dot = 0.f;
+  for (int64_t k = lane; k < p.d; k += 32) dot = fmaf(load_float(a + i * p.d + k), prod[k], dot);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  const float scale = p.inv_a[i], shrink = p.radial_a[i] * p.inv_a[i] * dot;
+  T* grad = static_cast<T*>(p.grad_a);
+  for (int64_t k = lane; k < p.d; k += 32) {
+    store_float(grad + i * p.d + k, scale * prod[k] - shrink * load_float(a + i * p.d + k));
   }
 }
 
@@ -136,7 +134,8 @@ cudaError_t backward_typed(const CosineBackwardParams& p, cudaStream_t stream) {
   inverse_norms_kernel<T><<<blocks_for(p.cols, rows_per_block), 32 * rows_per_block, 0, stream>>>(
       static_cast<const T*>(p.b), p.cols, p.d, p.eps, p.inv_b, nullptr);
   const dim3 grid(blocks_for(p.d, kTile), blocks_for(p.rows, kTile));
-  cosine_backward_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  cosine_backward_product_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  cosine_backward_finish_kernel<T><<<blocks_for(p.rows, rows_per_block), 32 * rows_per_block, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -22,20 +22,20 @@ struct CosineForwardParams {
   ScalarKind kind;
 };
 
-// grad_a[i] = inv_a[i] * sum_j c_ij inv_b[j] b_j - a_i * radial_a[i] * sum_j c_ij s_ij, where
-// c_ij = grad[i, j] (+ grad[j, i] when add_transpose, for y = x), read through strides.
+// grad_a[i] = inv_a[i] * (p_i - an_i (an_i . p_i)) with p_i = sum_j c_ij bn_j, an = a / max(|a|, eps),
+// bn likewise, and c_ij = grad[i, j] (+ grad[j, i] when add_transpose, for y = x), read through strides.
 struct CosineBackwardParams {
   const float* grad;  // float32 view of dL/dS
-  const float* sim;   // float32 view of S
   int64_t row_stride, col_stride;
   bool add_transpose;
   const void* a;  // [rows, d], the side that receives the gradient
   const void* b;  // [cols, d]
   void* grad_a;   // [rows, d], dtype of a
-  // float32 scratch for the norms: 1 / max(|a_i|, eps), its radial factor, and 1 / max(|b_j|, eps).
+  // float32 scratch: 1 / max(|a_i|, eps), its radial factor, 1 / max(|b_j|, eps), and p.
   float* inv_a;     // [rows]
   float* radial_a;  // [rows]
   float* inv_b;     // [cols]
+  float* product;   // [rows, d]
   int64_t rows, cols, d;
   float eps;
   ScalarKind kind;
