@@ -305,6 +305,26 @@ def test_cuda_matches_cpu_large(gen):
         torch.testing.assert_close(g.cpu(), c, rtol=1e-3, atol=1e-5)
 
 
+@CUDA
+def test_no_host_synchronisation(gen):
+    """Forward and backward never wait for the GPU, so they can be captured in CUDA graphs."""
+    x, labels, modalities = unified_case(200, 32, gen, "cuda", "pk", "cross", torch.float32)
+    bank = torch.randn(700, 32, device="cuda", requires_grad=True)
+    bank_labels = torch.randint(0, 50, (700,), device="cuda")
+    bank_modalities = torch.randint(0, 2, (700,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = reid_ext.unified_triplet_loss(x, labels, modalities=modalities, mode="cross")
+        loss = loss + reid_ext.unified_triplet_loss(x, labels, modalities=modalities, mode="cross", ref=bank,
+                                                    ref_labels=bank_labels, ref_modalities=bank_modalities)
+        loss = loss + reid_ext.cosine_similarity(x, bank).mean()
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
+
+
 # ---------------------------------------------------------------- bad input
 
 BAD_UNIFIED = [
