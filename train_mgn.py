@@ -1,0 +1,517 @@
+#!/usr/bin/env python
+"""Train MGN for person re-identification with reid-ext's losses.
+
+    python train_mgn.py                      # synthetic data, CPU preset, CPU: a few minutes
+    python train_mgn.py --dataset market1501 --data-root data/Market-1501-v15.09.15 \\
+        --preset paper --backbone-weights resnet50-0676ba61.pth
+    torchrun --nproc_per_node 4 train_mgn.py --dataset sysu-mm01 --data-root data/SYSU-MM01 \\
+        --preset paper --recipe ubat --global-mining --backbone-weights resnet50-0676ba61.pth
+
+The output directory gets checkpoint.pt (written atomically after every epoch;
+``--resume`` continues from it exactly), metrics.jsonl (one JSON object per
+evaluation and epoch), curves.png, and results.json = {"initial": {"rank1",
+"mAP", "mINP"}, "final": {...}, "train_seconds": ...} with the evaluation
+before the first step and after the last one, as fractions in [0, 1].
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import reid_ext
+from reid_ext.data import (
+    CrossModalityPKSampler,
+    ImageDataset,
+    PKSampler,
+    ReIDDataset,
+    ReIDTransform,
+    load_market1501,
+    load_regdb,
+    load_sysu_mm01,
+    make_synthetic,
+)
+from reid_ext.evaluation import evaluate_dataset
+from reid_ext.models import PRESETS, build_mgn, build_recipe, load_backbone_weights
+
+DATASETS = ("synthetic", "synthetic-vi", "market1501", "sysu-mm01", "regdb")
+
+# Training defaults of each model preset; every one can be overridden on the command line.
+TRAIN_DEFAULTS = {
+    # The MGN paper: SGD, lr 1e-2 divided by 10 at epochs 40 and 60 of 80, P = K = 4.
+    "paper": dict(
+        optimizer="sgd", lr=0.01, weight_decay=5e-4, epochs=80, warmup_epochs=0.0, schedule="step",
+        milestones=[40, 60], ids_per_batch=4, instances=4, eval_every=10,
+    ),
+    # From scratch on two CPU cores: Adam with warm-up and cosine decay, bigger batches.
+    "cpu": dict(
+        optimizer="adam", lr=6e-3, weight_decay=5e-4, epochs=16, warmup_epochs=1.0, schedule="cosine",
+        milestones=[], ids_per_batch=16, instances=4, eval_every=4,
+    ),
+}
+METRIC_KEYS = ("rank1", "mAP", "mINP")
+PROGRESS_EVERY = 5  # steps between progress-bar updates (each one synchronises with the device)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    presets = "\n".join(
+        f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in TRAIN_DEFAULTS.items()
+    )
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"training defaults of each --preset (every one can be set explicitly):\n{presets}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="synthetic", help="default: synthetic")
+    data.add_argument("--data-root", help="dataset folder (not needed for the synthetic datasets)")
+    data.add_argument("--sysu-mode", choices=("all", "indoor"), default="all",
+                      help="SYSU-MM01 search mode (default: all)")
+    data.add_argument("--regdb-trial", type=int, default=1, help="RegDB split, 1..10 (default: 1)")
+    data.add_argument("--regdb-query", choices=("visible", "thermal"), default="visible",
+                      help="RegDB query modality (default: visible, i.e. visible-to-thermal)")
+    data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic dataset (default: 0)")
+    data.add_argument("--synthetic-ids", type=int, nargs=2, default=[200, 100], metavar=("TRAIN", "TEST"),
+                      help="identities of the synthetic train and test splits (default: 200 100)")
+    data.add_argument("--erasing-p", type=float, default=0.5, help="random erasing probability (default: 0.5; 0: off)")
+    data.add_argument("--pad", type=int, help="pixels of padding before the random crop (default: H / 32; 0: off)")
+    data.add_argument("--workers", type=int, default=None,
+                      help="data loader processes (default: 0 for synthetic data, 4 otherwise)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                       help="model size: 'paper' (ResNet-50, 384x128) or 'cpu' (1/8 width, 96x32; the default)")
+    model.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="override the preset's input size")
+    model.add_argument("--backbone-weights", help="local torchvision ResNet-50 state dict (e.g. ImageNet weights)")
+
+    train = p.add_argument_group("training (unset values come from the --preset's defaults, listed below)")
+    train.add_argument("--recipe", choices=("mgn", "ubat"), default="mgn", help="loss recipe (default: mgn)")
+    train.add_argument("--margin", type=float,
+                       help="triplet margin (default: 1.2 for mgn's batch-hard loss, 0.25 for ubat's unified loss)")
+    train.add_argument("--cos-scale", type=float, default=16.0, help="ubat: cosine-softmax scale (default: 16)")
+    train.add_argument("--cos-margin", type=float, default=0.2, help="ubat: cosine-softmax margin (default: 0.2)")
+    train.add_argument("--optimizer", choices=("sgd", "adam"))
+    train.add_argument("--lr", type=float)
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--warmup-epochs", type=float, help="linear warm-up from 0.1 x lr")
+    train.add_argument("--schedule", choices=("step", "cosine"))
+    train.add_argument("--milestones", type=int, nargs="*", help="epochs where a step schedule multiplies lr by --lr-gamma")
+    train.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule factor (default: 0.1)")
+    train.add_argument("--ids-per-batch", type=int, help="P identities per batch")
+    train.add_argument("--instances", type=int, help="K images per identity (per modality for two-modality data)")
+    train.add_argument("--global-mining", action="store_true",
+                       help="with DDP, mine triplets over the batches of all ranks")
+    train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                       help="bfloat16 autocast (CUDA only; default: on)")
+    train.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling, augmentation (default: 0)")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="default auto: CUDA if available, except for the cpu preset")
+    run.add_argument("--threads", type=int,
+                     help="CPU threads for intra-op parallelism (default: half the cores, at most torch's default; "
+                          "OpenMP slows down badly when its threads compete with other processes for cores)")
+    run.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
+    run.add_argument("--eval-batch-size", type=int, default=256, help="default: 256")
+    run.add_argument("--output-dir", help="default: runs/mgn-<dataset>")
+    run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                     help="continue from CHECKPOINT (default: <output-dir>/checkpoint.pt)")
+    run.add_argument("--eval-only", action="store_true",
+                     help="only evaluate the --resume checkpoint (e.g. SYSU-MM01 indoor-search after "
+                          "all-search training) and write <output-dir>/evaluation.json")
+    args = p.parse_args(argv)
+
+    for key, value in TRAIN_DEFAULTS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.input_size is None:
+        args.input_size = list(PRESETS[args.preset].input_size)
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"mgn-{args.dataset}")
+    if args.margin is None:
+        args.margin = 1.2 if args.recipe == "mgn" else 0.25
+    if args.threads is None:
+        args.threads = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // 2))
+    if args.workers is None:
+        args.workers = 0 if args.dataset.startswith("synthetic") else 4
+    if args.dataset not in ("synthetic", "synthetic-vi") and not args.data_root:
+        p.error(f"--data-root is required for --dataset {args.dataset}")
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    if args.eval_only and args.resume is None:
+        p.error("--eval-only needs --resume [CHECKPOINT]")
+    return args
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def init_distributed(args):
+    """(rank, world_size, device); torchrun's environment starts a process group (nccl / gloo)."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and args.preset != "cpu" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), world_size, device
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_dataset(args) -> ReIDDataset:
+    if args.dataset in ("synthetic", "synthetic-vi"):
+        train_ids, test_ids = args.synthetic_ids
+        return make_synthetic(
+            args.synthetic_seed, num_train_ids=train_ids, num_test_ids=test_ids,
+            infrared=args.dataset == "synthetic-vi",
+        )
+    if args.dataset == "market1501":
+        return load_market1501(args.data_root)
+    if args.dataset == "sysu-mm01":
+        return load_sysu_mm01(args.data_root, mode=args.sysu_mode)
+    return load_regdb(args.data_root, trial=args.regdb_trial, query=args.regdb_query)
+
+
+def make_loaders(args, data: ReIDDataset, rank: int, world_size: int, device: torch.device):
+    size = tuple(args.input_size)
+    two_modalities = data.num_modalities == 2
+    augment = ReIDTransform(
+        size, train=True, pad=args.pad, erasing_p=args.erasing_p, grayscale_p=0.5 if two_modalities else 0.0
+    )
+    train_set = ImageDataset(data.train, augment, data.images)
+    labels = [s.pid for s in data.train]
+    if two_modalities:
+        sampler = CrossModalityPKSampler(
+            labels, [s.modality for s in data.train], args.ids_per_batch, args.instances,
+            seed=args.seed, rank=rank, world_size=world_size,
+        )
+    else:
+        sampler = PKSampler(
+            labels, args.ids_per_batch, args.instances, seed=args.seed, rank=rank, world_size=world_size
+        )
+    pin = device.type == "cuda"
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin
+    )
+    test_transform = ReIDTransform(size, train=False)
+    query_loader, gallery_loader = (
+        torch.utils.data.DataLoader(
+            ImageDataset(samples, test_transform, data.images), batch_size=args.eval_batch_size,
+            num_workers=args.workers, pin_memory=pin,
+        )
+        for samples in (data.query, data.gallery)
+    )
+    return train_loader, query_loader, gallery_loader
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on batch-norm parameters (1-D tensors), as is usual.
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    return torch.optim.Adam(groups, lr=args.lr)
+
+
+def lr_factor(args, progress: float) -> float:
+    """Learning-rate multiplier at ``progress`` epochs (fractional): warm-up, then step or cosine."""
+    if progress < args.warmup_epochs:
+        return 0.1 + 0.9 * progress / args.warmup_epochs
+    if args.schedule == "step":
+        return args.lr_gamma ** sum(progress >= m for m in args.milestones)
+    span = max(args.epochs - args.warmup_epochs, 1e-8)
+    return 0.5 * (1.0 + math.cos(math.pi * min((progress - args.warmup_epochs) / span, 1.0)))
+
+
+# --------------------------------------------------------------------------- checkpoints and logs
+
+
+def rng_state() -> Dict[str, object]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Dict[str, object]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def atomic_write(path: str, write) -> None:
+    """``write(tmp_path)``, then rename over ``path``: readers never see a partial file."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, state: Dict[str, object]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def write_json(path: str, obj: Dict[str, object]) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+
+    atomic_write(path, write)
+
+
+def write_jsonl(path: str, records: List[Dict[str, object]]) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+
+    atomic_write(path, write)
+
+
+_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+
+
+def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: Dict[str, List[tuple]], legend_top: bool) -> None:
+    """Line chart of ``series`` (name -> [(x, y)]) inside box = (left, top, right, bottom).
+
+    The legend goes to the top right corner (falling curves) or the bottom right (rising ones).
+    """
+    left, top, right, bottom = box
+    x0, y0, x1, y1 = left + 50, top + 25, right - 10, bottom - 30
+    draw.text((left + 50, top + 5), title, fill="black")
+    draw.rectangle((x0, y0, x1, y1), outline="black")
+    points = [pt for pts in series.values() for pt in pts]
+    if not points:
+        return
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    xmin, xmax = min(xs), max(max(xs), min(xs) + 1)
+    ymin, ymax = min(ys), max(ys)
+    if ymax - ymin < 1e-9:
+        ymin, ymax = ymin - 0.5, ymax + 0.5
+    sx = lambda x: x0 + (x - xmin) / (xmax - xmin) * (x1 - x0)  # noqa: E731
+    sy = lambda y: y1 - (y - ymin) / (ymax - ymin) * (y1 - y0)  # noqa: E731
+    for i in range(5):
+        y = ymin + (ymax - ymin) * i / 4
+        draw.line((x0 - 4, sy(y), x0, sy(y)), fill="black")
+        draw.text((left + 2, sy(y) - 6), f"{y:.3g}", fill="black")
+        x = xmin + (xmax - xmin) * i / 4
+        draw.line((sx(x), y1, sx(x), y1 + 4), fill="black")
+        draw.text((sx(x) - 8, y1 + 8), f"{x:.3g}", fill="black")
+    draw.text(((x0 + x1) // 2 - 15, bottom - 14), "epoch", fill="black")
+    for i, (name, pts) in enumerate(series.items()):
+        colour = _PALETTE[i % len(_PALETTE)]
+        if len(pts) > 1:
+            draw.line([(sx(x), sy(y)) for x, y in pts], fill=colour, width=2)
+        for x, y in pts:
+            draw.ellipse((sx(x) - 2, sy(y) - 2, sx(x) + 2, sy(y) + 2), fill=colour)
+        legend_y = y0 + 5 + 14 * i if legend_top else y1 - 5 - 14 * (len(series) - i)
+        draw.text((x1 - 90, legend_y), name, fill=colour)
+
+
+def plot_curves(path: str, history: List[Dict[str, object]]) -> None:
+    """PNG of the training losses and the evaluation metrics against epochs."""
+    losses = sorted({k for r in history if "loss" in r for k in r if k.startswith("loss")})
+    loss_series = {k: [(r["epoch"], r[k]) for r in history if k in r] for k in losses}
+    metric_series = {k: [(r["epoch"], r[k]) for r in history if k in r] for k in METRIC_KEYS}
+    image = Image.new("RGB", (1000, 400), "white")
+    draw = ImageDraw.Draw(image)
+    _panel(draw, (0, 0, 500, 400), "training loss", loss_series, legend_top=True)
+    _panel(draw, (500, 0, 1000, 400), "test metrics", metric_series, legend_top=False)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# --------------------------------------------------------------------------- main loop
+
+
+def evaluate(args, model, query_loader, gallery_loader, protocol, device, amp_dtype) -> Dict[str, float]:
+    result = evaluate_dataset(model, query_loader, gallery_loader, protocol, device, amp_dtype=amp_dtype)
+    return {k: result[k] for k in METRIC_KEYS}
+
+
+def evaluate_only(args, model, query_loader, gallery_loader, data, device, amp_dtype, is_main, world_size):
+    """--eval-only: metrics of the loaded model on ``data``'s protocol, written to evaluation.json."""
+    results = None
+    if is_main:
+        results = {"dataset": data.name, "protocol": data.protocol,
+                   **evaluate(args, model, query_loader, gallery_loader, data.protocol, device, amp_dtype)}
+        write_json(os.path.join(args.output_dir, "evaluation.json"), results)
+        tqdm.write(json.dumps(results))
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def train(args) -> Optional[Dict[str, object]]:
+    """Run the training of ``args``; returns the results dict on rank 0 (None on other ranks)."""
+    rank, world_size, device = init_distributed(args)
+    is_main = rank == 0
+    torch.set_num_threads(args.threads)
+    log = tqdm.write if is_main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # the same initial model on every rank
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    log_path = os.path.join(args.output_dir, "metrics.jsonl")
+
+    t0 = time.perf_counter()
+    data = load_dataset(args)
+    log(f"{data.summary()}\n  ({time.perf_counter() - t0:.1f} s to load)")
+    train_loader, query_loader, gallery_loader = make_loaders(args, data, rank, world_size, device)
+    two_modalities = data.num_modalities == 2
+
+    model = build_mgn(args.preset, data.num_train_pids)
+    if args.backbone_weights:
+        load_backbone_weights(model, args.backbone_weights)
+        log(f"loaded backbone weights from {args.backbone_weights}")
+    model = model.to(device, memory_format=torch.channels_last)
+    core = model
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if args.recipe == "mgn":
+        criterion = build_recipe("mgn", margin=args.margin)
+    else:
+        criterion = build_recipe("ubat", scale=args.cos_scale, cos_margin=args.cos_margin, margin=args.margin)
+    optimizer = build_optimizer(args, core)
+    amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None
+    # The metric losses then mine over the global batch; their gradients reach
+    # each rank's own rows (reid_ext.gather_batch's backward), DDP averages the rest.
+    gather = reid_ext.gather_batch if args.global_mining and world_size > 1 else None
+    torch.manual_seed(args.seed + rank)  # augmentations differ between ranks
+
+    start_epoch, history, initial, train_seconds = 0, [], None, 0.0
+    if args.resume is not None:
+        path = args.resume or ckpt_path
+        if not os.path.isfile(path):
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        # Our own file; it holds numpy and Python RNG states, which weights_only refuses.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history, initial = state["epoch"], state["history"], state["initial"]
+        train_seconds = state["train_seconds"]
+        if len(state["rng"]) == world_size:
+            set_rng_state(state["rng"][rank])
+        else:
+            log(f"checkpoint has RNG states of {len(state['rng'])} ranks, not {world_size}: augmentations will differ")
+        log(f"resumed from {path} after epoch {start_epoch}")
+        if args.eval_only:
+            return evaluate_only(args, core, query_loader, gallery_loader, data, device, amp_dtype, is_main, world_size)
+    elif is_main:
+        initial = evaluate(args, core, query_loader, gallery_loader, data.protocol, device, amp_dtype)
+        history.append({"epoch": 0, **initial})
+        log("initial: " + "  ".join(f"{k} {initial[k]:.4f}" for k in METRIC_KEYS))
+    if is_main:
+        write_jsonl(log_path, history)
+    if world_size > 1:
+        dist.barrier()
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        train_loader.batch_sampler.set_epoch(epoch)
+        steps = len(train_loader)
+        sums: Dict[str, torch.Tensor] = {}
+        images_seen = 0
+        t_epoch = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
+                   leave=True, dynamic_ncols=True, file=sys.stdout)
+        for i, (images, labels, _, modalities) in enumerate(bar):
+            factor = lr_factor(args, epoch + i / steps)
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * factor
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            modalities = modalities.to(device, non_blocking=True) if two_modalities else None
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = model(images)
+            loss, parts = criterion(output, [c.weight for c in core.classifiers], labels, modalities, gather)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            images_seen += images.size(0) * world_size
+            # Running sums stay on the device: no host synchronisation but for the progress bar.
+            for key, value in (("loss", loss.detach()), *((f"loss_{k}", v) for k, v in parts.items())):
+                sums[key] = sums[key] + value if key in sums else value
+            if i % PROGRESS_EVERY == 0 or i + 1 == steps:
+                rate = images_seen / (time.perf_counter() - t_epoch)
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", lr=f"{args.lr * factor:.2e}")
+        bar.close()
+        epoch_seconds = time.perf_counter() - t_epoch
+        train_seconds += epoch_seconds
+        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "lr": args.lr * factor}
+        record.update({k: v.item() / steps for k, v in sums.items()})
+        record.update({"images_per_second": images_seen / epoch_seconds, "epoch_seconds": epoch_seconds})
+        last = epoch + 1 == args.epochs
+        if is_main and (last or (epoch + 1) % args.eval_every == 0):
+            record.update(evaluate(args, core, query_loader, gallery_loader, data.protocol, device, amp_dtype))
+        log(f"epoch {epoch + 1}: " + "  ".join(
+            f"{k} {record[k]:.4f}" for k in ("loss", *METRIC_KEYS) if k in record
+        ))
+        history.append(record)
+        rng = [rng_state()]
+        if world_size > 1:
+            rng = [None] * world_size
+            dist.all_gather_object(rng, rng_state())
+        if is_main:
+            write_jsonl(log_path, history)
+            plot_curves(os.path.join(args.output_dir, "curves.png"), history)
+            save_checkpoint(ckpt_path, {
+                "epoch": epoch + 1, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": rng, "history": history, "initial": initial, "train_seconds": train_seconds,
+                "args": vars(args),
+            })
+        if world_size > 1:
+            dist.barrier()
+
+    results = None
+    if is_main:
+        results = {
+            "initial": {k: initial[k] for k in METRIC_KEYS},
+            "final": {k: history[-1][k] for k in METRIC_KEYS},  # the last epoch is always evaluated
+            "train_seconds": train_seconds,
+        }
+        write_json(os.path.join(args.output_dir, "results.json"), results)
+        log(f"results: {json.dumps(results)}  ({args.output_dir})")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, object]]:
+    """Command-line entry point; returns the results dict on rank 0 (None on other ranks)."""
+    t0 = time.perf_counter()
+    results = train(parse_args(argv))
+    if results is not None:
+        print(f"total {time.perf_counter() - t0:.1f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
