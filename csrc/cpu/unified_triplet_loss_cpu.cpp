@@ -18,6 +18,12 @@ namespace {
 
 constexpr double kNormEps = 1e-12;
 constexpr int64_t kBankTile = 256;  // references per tile against a bank
+// A problem of at most this many pairs (with M <= kBankTile) is a single tile: its dot products,
+// and its gradient product, are one multi-threaded GEMM each instead of one per anchor block,
+// each of which would repack the whole reference set.
+constexpr int64_t kSingleTilePairs = 256 * 256;
+
+inline bool single_tile(int64_t n, int64_t m) { return m <= kBankTile && n * m <= kSingleTilePairs; }
 constexpr int kLanes = 16;          // independent accumulators, so row reductions vectorize
 
 // One side of a tile: labels, modalities and inverse norms from row `first` on.
@@ -309,10 +315,13 @@ void forward_impl(const Problem<scalar_t>& pb, at::Tensor& loss, at::Tensor& val
   Stats<scalar_t> st(n);
   // One scratch per worker thread, indexed by the thread that runs the tile.
   std::vector<std::unique_ptr<TileScratch<scalar_t>>> scratch(at::get_num_threads());
+  const at::Tensor all_dots = single_tile(n, m) ? at::mm(in.x, in.ref.t()) : at::Tensor();
   for_each_tile(n, m, in.self_ref, [&](const Tile& t) {
     auto& s = scratch[at::get_thread_num()];
     if (!s) s = std::make_unique<TileScratch<scalar_t>>(in.x.options(), tile_size.first, tile_size.second);
-    const scalar_t* dots = tile_dots(s->dots, in.x, t.i0, t.rows, in.ref, t.j0, t.cols).template data_ptr<scalar_t>();
+    const scalar_t* dots = all_dots.defined()
+                               ? all_dots.data_ptr<scalar_t>() + t.i0 * m  // tiles are whole rows here
+                               : tile_dots(s->dots, in.x, t.i0, t.rows, in.ref, t.j0, t.cols).template data_ptr<scalar_t>();
     const Side<scalar_t> refs = in.self_ref ? pb.anchors(t.j0) : pb.references(t.j0);
     pair_values(dots, t.rows, t.cols, t.self_shift, pb.anchors(t.i0), refs, pb.mode, pb.gamma, pb.margin,
                 s->a.data(), s->b.data());
@@ -354,6 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_
   at::Tensor valid = at::empty({n}, in.x.options().dtype(at::kBool));
   at::Tensor lse_neg = at::empty({n}, in.x.options());
   at::Tensor lse_pos = at::empty({n}, in.x.options());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs inside are not part of the graph
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_cpu", [&] {
     const Problem<scalar_t> pb(in, mode, gamma, margin);
     forward_impl<scalar_t>(pb, loss, valid, lse_neg, lse_pos);
@@ -387,14 +397,17 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
   };
   const auto tile_size = max_tile(n, in.self_ref);
   std::vector<std::unique_ptr<TileScratch<scalar_t>>> scratch(at::get_num_threads());
-  grad_x.zero_();
+  const bool whole = single_tile(n, m);
+  if (!whole) grad_x.zero_();
   if (grad_ref) grad_ref->zero_();
-
+  const at::Tensor all_dots = whole ? at::mm(in.x, in.ref.t()) : at::Tensor();
+  at::Tensor all_coef = whole ? at::empty({n, m}, in.x.options()) : at::Tensor();
   for_each_tile(n, m, in.self_ref, [&](const Tile& t) {
     auto& s = scratch[at::get_thread_num()];
     if (!s) s = std::make_unique<TileScratch<scalar_t>>(in.x.options(), tile_size.first, tile_size.second);
     const int64_t i0 = t.i0, j0 = t.j0, rows = t.rows, cols = t.cols;
-    const scalar_t* dots = tile_dots(s->dots, in.x, i0, rows, in.ref, j0, cols).template data_ptr<scalar_t>();
+    const scalar_t* dots = whole ? all_dots.data_ptr<scalar_t>() + i0 * m  // tiles are whole rows here
+                                 : tile_dots(s->dots, in.x, i0, rows, in.ref, j0, cols).template data_ptr<scalar_t>();
     const Side<scalar_t> a = pb.anchors(i0);
     const Side<scalar_t> b = in.self_ref ? pb.anchors(j0) : pb.references(j0);
     const AnchorGrad<scalar_t> row_anchor = anchor_grad(i0), col_anchor = anchor_grad(j0);
@@ -402,11 +415,12 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
     // both, and a mirrored tile also sends it back to its column anchors. Against a bank, rows are the anchors.
     pair_grads(dots, rows, cols, t.self_shift, a, b, &row_anchor, in.self_ref ? &col_anchor : nullptr, pb.mode,
                pb.gamma, pb.margin, s->a.data());
-    // Row side: acc_I += (g * inv_J) @ B_J.
+    // Row side: acc_I += (g * inv_J) @ B_J (for a single tile, after the loop, as one GEMM).
     const scalar_t* g = s->a.data();
-    scalar_t* scaled = s->b.data();
+    scalar_t* scaled = whole ? all_coef.data_ptr<scalar_t>() + i0 * m : s->b.data();
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) scaled[r * cols + c] = g[r * cols + c] * b.inv[c];
+    if (whole) return;
     at::Tensor coef = at::from_blob(scaled, {rows, cols}, in.x.options());
     grad_x.narrow(0, i0, rows).addmm_(coef, in.ref.narrow(0, j0, cols));
     if (t.mirrored) {  // column side: acc_J += (g * inv_I)^T @ X_I
@@ -415,6 +429,7 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
       grad_x.narrow(0, j0, cols).addmm_(coef.t(), in.x.narrow(0, i0, rows));
     }
   });
+  if (whole) at::mm_out(grad_x, all_coef, in.ref);
   apply_normalization<scalar_t>(in.x, grad_x);
   if (!grad_ref) return;
 
@@ -459,6 +474,7 @@ std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cpu(
   at::Tensor grad_x = at::empty_like(in.x);
   const bool want_ref = !in.self_ref && ref_requires_grad;
   at::Tensor grad_ref = want_ref ? at::empty_like(in.ref) : at::empty({0, in.x.size(1)}, in.x.options());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_backward_cpu", [&] {
     const Problem<scalar_t> pb(in, mode, gamma, margin);
     backward_impl<scalar_t>(pb, grad_c.data_ptr<scalar_t>(), valid_c.data_ptr<bool>(), neg_c.data_ptr<scalar_t>(),
