@@ -127,7 +127,7 @@ __global__ void batch_hard_merge_kernel(const BatchHardForwardParams p) {
 }
 
 // Per row: inv and radial of the normalization (cosine metric) and the anchor's dL/d(d_ap).
-// One warp per row, as family_row_norms_kernel.
+// One warp per row, as row_norms_kernel.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) batch_hard_row_stats_kernel(const BatchHardBackwardParams p) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerRowBlock + threadIdx.x / kWarp;
@@ -200,20 +200,12 @@ cudaError_t backward_typed(const BatchHardBackwardParams& p, cudaStream_t stream
 
 cudaError_t launch_batch_hard_forward(const BatchHardForwardParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  switch (p.kind) {
-    case ScalarKind::kFloat16: return forward_typed<__half>(p, stream);
-    case ScalarKind::kBFloat16: return forward_typed<__nv_bfloat16>(p, stream);
-    default: return forward_typed<float>(p, stream);
-  }
+  return with_scalar_type(p.kind, [&](auto tag) { return forward_typed<decltype(tag)>(p, stream); });
 }
 
 cudaError_t launch_batch_hard_backward(const BatchHardBackwardParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  switch (p.kind) {
-    case ScalarKind::kFloat16: return backward_typed<__half>(p, stream);
-    case ScalarKind::kBFloat16: return backward_typed<__nv_bfloat16>(p, stream);
-    default: return backward_typed<float>(p, stream);
-  }
+  return with_scalar_type(p.kind, [&](auto tag) { return backward_typed<decltype(tag)>(p, stream); });
 }
 
 }  // namespace cuda

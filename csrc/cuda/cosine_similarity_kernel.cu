@@ -33,26 +33,6 @@ __global__ void __launch_bounds__(kThreads) cosine_forward_kernel(const CosineFo
   }
 }
 
-// inv[r] = 1 / max(|v_r|, eps) and (unless radial is null) radial[r] = inv[r]^2 where |v_r| > eps else 0; one warp per row.
-template <typename T>
-__global__ void inverse_norms_kernel(const T* __restrict__ v, int64_t rows, int64_t d, float eps, float* inv,
-                                     float* radial) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (r >= rows) return;  // whole warps leave together
-  const int lane = threadIdx.x % 32;
-  float sq = 0.f;
-  for (int64_t k = lane; k < d; k += 32) {
-    const float x = load_float(v + r * d + k);
-    sq = fmaf(x, x, sq);
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, offset);
-  if (lane == 0) {
-    inv[r] = inverse_norm(sq, eps);
-    if (radial) radial[r] = sqrtf(sq) > eps ? inv[r] * inv[r] : 0.f;
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) cosine_backward_product_kernel(const CosineBackwardParams p) {
   __shared__ float coef[kTile][kTile + 1];
@@ -103,18 +83,17 @@ __global__ void __launch_bounds__(kThreads) cosine_backward_product_kernel(const
 // grad_a[i] = inv_a[i] * p_i - a_i * radial_a[i] * inv_a[i] * (a_i . p_i); one warp per row.
 template <typename T>
 __global__ void cosine_backward_finish_kernel(const CosineBackwardParams p) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerRowBlock + threadIdx.x / kWarp;
   if (i >= p.rows) return;  // whole warps leave together
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % kWarp;
   const T* a = static_cast<const T*>(p.a);
   const float* prod = p.product + i * p.d;
   float dot = 0.f;
-  for (int64_t k = lane; k < p.d; k += 32) dot = fmaf(load_float(a + i * p.d + k), prod[k], dot);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  for (int64_t k = lane; k < p.d; k += kWarp) dot = fmaf(load_float(a + i * p.d + k), prod[k], dot);
+  dot = warp_sum(dot);
   const float scale = p.inv_a[i], shrink = p.radial_a[i] * p.inv_a[i] * dot;
   T* grad = static_cast<T*>(p.grad_a);
-  for (int64_t k = lane; k < p.d; k += 32) {
+  for (int64_t k = lane; k < p.d; k += kWarp) {
     store_float(grad + i * p.d + k, scale * prod[k] - shrink * load_float(a + i * p.d + k));
   }
 }
@@ -128,14 +107,11 @@ cudaError_t forward_typed(const CosineForwardParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t backward_typed(const CosineBackwardParams& p, cudaStream_t stream) {
-  const int rows_per_block = 8;
-  inverse_norms_kernel<T><<<blocks_for(p.rows, rows_per_block), 32 * rows_per_block, 0, stream>>>(
-      static_cast<const T*>(p.a), p.rows, p.d, p.eps, p.inv_a, p.radial_a);
-  inverse_norms_kernel<T><<<blocks_for(p.cols, rows_per_block), 32 * rows_per_block, 0, stream>>>(
-      static_cast<const T*>(p.b), p.cols, p.d, p.eps, p.inv_b, nullptr);
+  launch_row_norms<T>(p.a, p.rows, p.d, p.eps, p.inv_a, p.radial_a, stream);
+  launch_row_norms<T>(p.b, p.cols, p.d, p.eps, p.inv_b, nullptr, stream);
   const dim3 grid(blocks_for(p.d, kTile), blocks_for(p.rows, kTile));
   cosine_backward_product_kernel<T><<<grid, kThreads, 0, stream>>>(p);
-  cosine_backward_finish_kernel<T><<<blocks_for(p.rows, rows_per_block), 32 * rows_per_block, 0, stream>>>(p);
+  cosine_backward_finish_kernel<T><<<blocks_for(p.rows, kWarpsPerRowBlock), kRowThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -143,20 +119,12 @@ cudaError_t backward_typed(const CosineBackwardParams& p, cudaStream_t stream) {
 
 cudaError_t launch_cosine_forward(const CosineForwardParams& p, cudaStream_t stream) {
   if (p.n == 0 || p.m == 0) return cudaSuccess;
-  switch (p.kind) {
-    case ScalarKind::kFloat16: return forward_typed<__half>(p, stream);
-    case ScalarKind::kBFloat16: return forward_typed<__nv_bfloat16>(p, stream);
-    default: return forward_typed<float>(p, stream);
-  }
+  return with_scalar_type(p.kind, [&](auto tag) { return forward_typed<decltype(tag)>(p, stream); });
 }
 
 cudaError_t launch_cosine_backward(const CosineBackwardParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  switch (p.kind) {
-    case ScalarKind::kFloat16: return backward_typed<__half>(p, stream);
-    case ScalarKind::kBFloat16: return backward_typed<__nv_bfloat16>(p, stream);
-    default: return backward_typed<float>(p, stream);
-  }
+  return with_scalar_type(p.kind, [&](auto tag) { return backward_typed<decltype(tag)>(p, stream); });
 }
 
 }  // namespace cuda

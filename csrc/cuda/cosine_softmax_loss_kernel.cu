@@ -105,8 +105,8 @@ __global__ void __launch_bounds__(kFinishThreads)
 
 template <typename T>
 void row_norms(const CosineSoftmaxParams& p, cudaStream_t stream) {
-  launch_family_row_norms<T>(p.x, p.n, p.d, p.inv_x, p.radial_x, stream);
-  launch_family_row_norms<T>(p.weight, p.c, p.d, p.inv_w, p.radial_w, stream);
+  launch_row_norms<T>(p.x, p.n, p.d, kNormEps, p.inv_x, p.radial_x, stream);
+  launch_row_norms<T>(p.weight, p.c, p.d, kNormEps, p.inv_w, p.radial_w, stream);
 }
 
 template <typename T>
@@ -147,31 +147,18 @@ cudaError_t finish_typed(const CosineSoftmaxParams& p, bool rows_are_anchors, co
 
 cudaError_t launch_cosine_softmax_forward(const CosineSoftmaxParams& p, void* loss, float* lse, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  switch (p.kind) {
-    case ScalarKind::kFloat16: return forward_typed<__half>(p, loss, lse, stream);
-    case ScalarKind::kBFloat16: return forward_typed<__nv_bfloat16>(p, loss, lse, stream);
-    default: return forward_typed<float>(p, loss, lse, stream);
-  }
+  return with_scalar_type(p.kind, [&](auto tag) { return forward_typed<decltype(tag)>(p, loss, lse, stream); });
 }
 
 cudaError_t launch_cosine_softmax_coefficients(const CosineSoftmaxParams& p, const float* grad_loss, const float* lse,
                                                float* coef, float* row_sum, float* col_sum, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  switch (p.kind) {
-    case ScalarKind::kFloat16: return coefficients_typed<__half>(p, grad_loss, lse, coef, row_sum, col_sum, stream);
-    case ScalarKind::kBFloat16:
-      return coefficients_typed<__nv_bfloat16>(p, grad_loss, lse, coef, row_sum, col_sum, stream);
-    default: return coefficients_typed<float>(p, grad_loss, lse, coef, row_sum, col_sum, stream);
-  }
+  return with_scalar_type(p.kind, [&](auto tag) { return coefficients_typed<decltype(tag)>(p, grad_loss, lse, coef, row_sum, col_sum, stream); });
 }
 
 cudaError_t launch_cosine_softmax_finish(const CosineSoftmaxParams& p, bool rows_are_anchors, const float* acc,
                                          const float* sums, void* out, cudaStream_t stream) {
-  switch (p.kind) {
-    case ScalarKind::kFloat16: return finish_typed<__half>(p, rows_are_anchors, acc, sums, out, stream);
-    case ScalarKind::kBFloat16: return finish_typed<__nv_bfloat16>(p, rows_are_anchors, acc, sums, out, stream);
-    default: return finish_typed<float>(p, rows_are_anchors, acc, sums, out, stream);
-  }
+  return with_scalar_type(p.kind, [&](auto tag) { return finish_typed<decltype(tag)>(p, rows_are_anchors, acc, sums, out, stream); });
 }
 
 }  // namespace cuda

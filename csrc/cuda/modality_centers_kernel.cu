@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kRowThreads)
 
 template <typename T>
 cudaError_t forward_typed(const CentersParams& p, void* centers, cudaStream_t stream) {
-  if (p.normalize) launch_family_row_norms<T>(p.x, p.n, p.d, p.inv, nullptr, stream);
+  if (p.normalize) launch_row_norms<T>(p.x, p.n, p.d, kNormEps, p.inv, nullptr, stream);
   const dim3 grid(static_cast<unsigned>(p.num_groups), blocks_for(p.d, kColumnThreads));
   centers_forward_kernel<T><<<grid, kColumnThreads, 0, stream>>>(p, static_cast<T*>(centers));
   return cudaGetLastError();
@@ -88,21 +88,13 @@ cudaError_t backward_typed(const CentersParams& p, const float* grad_centers, vo
 
 cudaError_t launch_centers_forward(const CentersParams& p, void* centers, cudaStream_t stream) {
   if (p.num_groups == 0) return cudaSuccess;
-  switch (p.kind) {
-    case ScalarKind::kFloat16: return forward_typed<__half>(p, centers, stream);
-    case ScalarKind::kBFloat16: return forward_typed<__nv_bfloat16>(p, centers, stream);
-    default: return forward_typed<float>(p, centers, stream);
-  }
+  return with_scalar_type(p.kind, [&](auto tag) { return forward_typed<decltype(tag)>(p, centers, stream); });
 }
 
 cudaError_t launch_centers_backward(const CentersParams& p, const float* grad_centers, void* grad_x,
                                     cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  switch (p.kind) {
-    case ScalarKind::kFloat16: return backward_typed<__half>(p, grad_centers, grad_x, stream);
-    case ScalarKind::kBFloat16: return backward_typed<__nv_bfloat16>(p, grad_centers, grad_x, stream);
-    default: return backward_typed<float>(p, grad_centers, grad_x, stream);
-  }
+  return with_scalar_type(p.kind, [&](auto tag) { return backward_typed<decltype(tag)>(p, grad_centers, grad_x, stream); });
 }
 
 }  // namespace cuda

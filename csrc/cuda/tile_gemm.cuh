@@ -92,6 +92,57 @@ __device__ __forceinline__ void tile_dots(const T* __restrict__ a, int64_t a_row
   __syncthreads();
 }
 
+constexpr int kWarp = 32;
+constexpr int kRowThreads = 256;  // threads of the one-warp-per-row and one-block-per-row kernels
+constexpr int kWarpsPerRowBlock = kRowThreads / kWarp;
+
+// Sum over a warp in a fixed butterfly; every lane ends with the same total.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// inv[r] = 1 / max(|v_r|, eps) and, unless radial is null, radial[r] = inv[r]^2 where
+// |v_r| > eps else 0 (the normalization's Jacobian has no radial part under the clamp).
+// One warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    row_norms_kernel(const T* __restrict__ v, int64_t rows, int64_t d, float eps, float* inv, float* radial) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerRowBlock + threadIdx.x / kWarp;
+  if (r >= rows) return;  // whole warps leave together
+  const int lane = threadIdx.x % kWarp;
+  float sq = 0.f;
+  for (int64_t k = lane; k < d; k += kWarp) {
+    const float value = load_float(v + r * d + k);
+    sq = fmaf(value, value, sq);
+  }
+  sq = warp_sum(sq);
+  if (lane == 0) {
+    const float inverse = inverse_norm(sq, eps);
+    inv[r] = inverse;
+    if (radial) radial[r] = sqrtf(sq) > eps ? inverse * inverse : 0.f;
+  }
+}
+
+template <typename T>
+void launch_row_norms(const void* v, int64_t rows, int64_t d, float eps, float* inv, float* radial,
+                      cudaStream_t stream) {
+  if (rows == 0) return;
+  row_norms_kernel<T><<<(rows + kWarpsPerRowBlock - 1) / kWarpsPerRowBlock, kRowThreads, 0, stream>>>(
+      static_cast<const T*>(v), rows, d, eps, inv, radial);
+}
+
+// launch(T{}) with T the element type of `kind`: the launchers' dtype dispatch.
+template <typename Launch>
+cudaError_t with_scalar_type(ScalarKind kind, const Launch& launch) {
+  switch (kind) {
+    case ScalarKind::kFloat16: return launch(__half());
+    case ScalarKind::kBFloat16: return launch(__nv_bfloat16());
+    default: return launch(float());
+  }
+}
+
 // Sum over the 16 lanes (tx = 0..15) that share a tile row. All 32 lanes of the warp must call it.
 __device__ __forceinline__ float row_lanes_sum(float v) {
 #pragma unroll

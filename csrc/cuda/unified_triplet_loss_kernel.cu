@@ -253,8 +253,7 @@ __global__ void unified_backward_finish_kernel(const UnifiedProblem pb, const Un
     const float v = load_float(a + i * d + k);
     sq = fmaf(v, v, sq);
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, offset);
+  sq = warp_sum(sq);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sq;
   __syncthreads();
   float total_sq = 0.f;
@@ -292,20 +291,12 @@ cudaError_t backward_typed(const UnifiedProblem& pb, const UnifiedBackwardParams
 
 cudaError_t launch_unified_forward(const UnifiedProblem& pb, const UnifiedForwardParams& p, cudaStream_t stream) {
   if (pb.n == 0) return cudaSuccess;
-  switch (pb.kind) {
-    case ScalarKind::kFloat16: return forward_typed<__half>(pb, p, stream);
-    case ScalarKind::kBFloat16: return forward_typed<__nv_bfloat16>(pb, p, stream);
-    default: return forward_typed<float>(pb, p, stream);
-  }
+  return with_scalar_type(pb.kind, [&](auto tag) { return forward_typed<decltype(tag)>(pb, p, stream); });
 }
 
 cudaError_t launch_unified_backward(const UnifiedProblem& pb, const UnifiedBackwardParams& p, cudaStream_t stream) {
   if ((p.rows_are_anchors ? pb.n : pb.m) == 0) return cudaSuccess;
-  switch (pb.kind) {
-    case ScalarKind::kFloat16: return backward_typed<__half>(pb, p, stream);
-    case ScalarKind::kBFloat16: return backward_typed<__nv_bfloat16>(pb, p, stream);
-    default: return backward_typed<float>(pb, p, stream);
-  }
+  return with_scalar_type(pb.kind, [&](auto tag) { return backward_typed<decltype(tag)>(pb, p, stream); });
 }
 
 }  // namespace cuda
