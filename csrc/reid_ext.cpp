@@ -40,6 +40,12 @@ TORCH_LIBRARY(reid_ext, m) {
       "_unified_triplet_loss_backward(Tensor grad_loss, Tensor x, Tensor labels, Tensor? modalities, Tensor? ref, "
       "Tensor? ref_labels, Tensor? ref_modalities, Tensor valid, Tensor lse_neg, Tensor lse_pos, float gamma, "
       "float margin, int mode, bool ref_requires_grad) -> (Tensor, Tensor)");
+  // Reduced loss (mean over valid anchors, or sum) with its gradients to x and ref, for a
+  // backward that only scales them: the CPU kernel's fast path for small problems.
+  m.def(
+      "_unified_triplet_loss_with_grad(Tensor x, Tensor labels, Tensor? modalities, Tensor? ref, "
+      "Tensor? ref_labels, Tensor? ref_modalities, float gamma, float margin, int mode, bool mean, "
+      "bool ref_requires_grad) -> (Tensor, Tensor, Tensor)");
   // Per-anchor loss, validity, hardest positive / negative index (-1: none) and their distances.
   m.def(
       "batch_hard_triplet_loss(Tensor x, Tensor labels, float margin, int metric, bool soft_margin) "
@@ -60,4 +66,10 @@ TORCH_LIBRARY(reid_ext, m) {
       "_cosine_softmax_loss_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor labels, Tensor lse, "
       "float scale, float margin, float label_smoothing, bool x_requires_grad, bool weight_requires_grad) "
       "-> (Tensor, Tensor)");
+  // Reduced loss (mean over the N anchors, or sum) with its gradients to x and weight: the CPU
+  // kernel's fast path for problems of one tile.
+  m.def(
+      "_cosine_softmax_loss_with_grad(Tensor x, Tensor weight, Tensor labels, float scale, float margin, "
+      "float label_smoothing, bool mean, bool x_requires_grad, bool weight_requires_grad) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -63,6 +63,7 @@ def _cosine_similarity_setup(ctx, inputs, output):
 
 
 def _cosine_similarity_backward(ctx, grad):
+    _no_double_backward("cosine_similarity")
     x, y = ctx.saved_tensors
     grad_x, grad_y = torch.ops.reid_ext._cosine_similarity_backward.default(grad, x, y, ctx.eps)
     return grad_x, (grad_y if ctx.has_y else None), None
@@ -71,6 +72,42 @@ def _cosine_similarity_backward(ctx, grad):
 torch.library.register_autograd(
     "reid_ext::cosine_similarity", _cosine_similarity_backward, setup_context=_cosine_similarity_setup
 )
+
+
+def _register_gradient_in_forward(op: str, loss_name: str, num_inputs: int, grad_inputs: Tuple[int, ...]) -> None:
+    """Autograd of an op that returns (loss, gradient of loss w.r.t. input grad_inputs[0], ...):
+    the backward scales the saved gradients."""
+
+    def setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output[1:])
+
+    def backward(ctx, grad_loss, *_unused):
+        _no_double_backward(loss_name)
+        grads = [None] * num_inputs
+        for position, saved in zip(grad_inputs, ctx.saved_tensors):
+            if ctx.needs_input_grad[position]:
+                grads[position] = grad_loss * saved
+        return tuple(grads)
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+def _grad_in_forward(x: Tensor, reduction: str, *others: Optional[Tensor]) -> bool:
+    """Whether a CPU loss may compute its gradient along with its value: when it will be
+    differentiated (training) and its reduction is a scalar, so that the backward only scales
+    the saved gradient. A problem of one tile then computes its dot products once for both
+    directions, one GEMM fewer than a forward and a recomputing backward."""
+    if x.device.type != "cpu" or reduction == "none" or not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in (x, *others))
+
+
+def _no_double_backward(loss_name: str) -> None:
+    """Raises under create_graph=True: the backward kernels are not differentiable themselves,
+    and a silently wrong second derivative would be worse than none."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"reid_ext.{loss_name} does not support double backward (create_graph=True)")
 
 
 # ---------------------------------------------------------------- unified_triplet_loss
@@ -112,6 +149,12 @@ def unified_triplet_loss(
         Tensor[] or Tensor[N] with reduction="none" (0 for anchors without a positive or a negative).
     """
     _checks.check_unified(x, labels, gamma, modalities, mode, ref, ref_labels, ref_modalities, reduction)
+    if _with_grad_pays(x, ref, reduction):
+        loss, _, _ = torch.ops.reid_ext._unified_triplet_loss_with_grad.default(
+            x, labels, modalities, ref, ref_labels, ref_modalities, float(gamma), float(margin), _checks.mode_id(mode),
+            reduction == "mean", ref is not None and ref.requires_grad,
+        )
+        return loss
     loss, valid, _, _ = torch.ops.reid_ext.unified_triplet_loss.default(
         x, labels, modalities, ref, ref_labels, ref_modalities, float(gamma), float(margin), _checks.mode_id(mode)
     )
@@ -143,6 +186,7 @@ def _unified_setup(ctx, inputs, output):
 
 
 def _unified_backward(ctx, grad_loss, _grad_valid, _grad_lse_neg, _grad_lse_pos):
+    _no_double_backward("unified_triplet_loss")
     x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos = ctx.saved_tensors
     ref_requires_grad = ref is not None and ctx.needs_input_grad[3]
     grad_x, grad_ref = torch.ops.reid_ext._unified_triplet_loss_backward.default(
@@ -155,6 +199,27 @@ def _unified_backward(ctx, grad_loss, _grad_valid, _grad_lse_neg, _grad_lse_pos)
 torch.library.register_autograd(
     "reid_ext::unified_triplet_loss", _unified_backward, setup_context=_unified_setup
 )
+
+# Problems up to this many pairs (with at most 256 references) are one tile of the CPU kernel.
+_SINGLE_TILE_PAIRS = 256 * 256
+
+
+def _with_grad_pays(x: Tensor, ref: Optional[Tensor], reduction: str) -> bool:
+    """Whether the unified loss takes its one-op path (see _grad_in_forward)."""
+    m = x.size(0) if ref is None else ref.size(0)
+    return _grad_in_forward(x, reduction, ref) and m <= 256 and x.size(0) * m <= _SINGLE_TILE_PAIRS
+
+
+@torch.library.register_fake("reid_ext::_unified_triplet_loss_with_grad")
+def _unified_with_grad_fake(
+    x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, mean, ref_requires_grad
+):
+    grad_ref = torch.empty_like(ref) if (ref is not None and ref_requires_grad) else x.new_empty(0, x.size(1))
+    return x.new_empty(()), torch.empty_like(x), grad_ref
+
+
+_register_gradient_in_forward("reid_ext::_unified_triplet_loss_with_grad", "unified_triplet_loss", 11, (0, 3))
+
 
 
 # ---------------------------------------------------------------- batch_hard_triplet_loss
@@ -222,6 +287,7 @@ def _batch_hard_setup(ctx, inputs, output):
 
 
 def _batch_hard_backward(ctx, grad_loss, *_unused):
+    _no_double_backward("batch_hard_triplet_loss")
     x, pos_idx, neg_idx, dist_ap, dist_an = ctx.saved_tensors
     grad_x = torch.ops.reid_ext._batch_hard_triplet_loss_backward.default(
         grad_loss, x, pos_idx, neg_idx, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft_margin
@@ -300,6 +366,7 @@ def _centers_setup(ctx, inputs, output):
 
 
 def _centers_backward(ctx, grad_centers, _grad_counts):
+    _no_double_backward("modality_centers")
     x, group, counts = ctx.saved_tensors
     grad_x = torch.ops.reid_ext._modality_centers_backward.default(grad_centers, x, group, counts, ctx.normalize)
     return grad_x, None, None, None
@@ -394,6 +461,12 @@ def cosine_softmax_loss(
         Tensor[] or Tensor[N] with reduction="none".
     """
     _checks.check_cosine_softmax(x, weight, labels, scale, label_smoothing, reduction)
+    if _grad_in_forward(x, reduction, weight) and x.size(0) * weight.size(0) <= _WHOLE_LOGITS:
+        loss, _, _ = torch.ops.reid_ext._cosine_softmax_loss_with_grad.default(
+            x, weight, labels, float(scale), float(margin), float(label_smoothing), reduction == "mean",
+            x.requires_grad, weight.requires_grad,
+        )
+        return loss
     loss, _ = torch.ops.reid_ext.cosine_softmax_loss.default(
         x, weight, labels, float(scale), float(margin), float(label_smoothing)
     )
@@ -426,6 +499,7 @@ def _cosine_softmax_setup(ctx, inputs, output):
 
 
 def _cosine_softmax_backward(ctx, grad_loss, _grad_lse):
+    _no_double_backward("cosine_softmax_loss")
     x, weight, labels, lse = ctx.saved_tensors
     want_x, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x, grad_weight = torch.ops.reid_ext._cosine_softmax_loss_backward.default(
@@ -437,3 +511,18 @@ def _cosine_softmax_backward(ctx, grad_loss, _grad_lse):
 torch.library.register_autograd(
     "reid_ext::cosine_softmax_loss", _cosine_softmax_backward, setup_context=_cosine_softmax_setup
 )
+
+
+# Problems up to this many logits are one tile of the CPU kernel.
+_WHOLE_LOGITS = 1 << 19
+
+
+@torch.library.register_fake("reid_ext::_cosine_softmax_loss_with_grad")
+def _cosine_softmax_with_grad_fake(x, weight, labels, scale, margin, label_smoothing, mean, x_requires_grad,
+                                   weight_requires_grad):
+    grad_x = torch.empty_like(x) if x_requires_grad else x.new_empty(0, x.size(1))
+    grad_weight = torch.empty_like(weight) if weight_requires_grad else x.new_empty(0, x.size(1))
+    return x.new_empty(()), grad_x, grad_weight
+
+
+_register_gradient_in_forward("reid_ext::_cosine_softmax_loss_with_grad", "cosine_softmax_loss", 9, (0, 1))

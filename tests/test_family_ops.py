@@ -310,6 +310,44 @@ def test_cosine_softmax_gradient_to_one_side(device, gen):
                 value_and_grads(reference.cosine_softmax_loss, [weight], frozen, weight, labels), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("shape", [(140, 4000), (5, 4500)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cosine_softmax_chunks(shape, reduction, gen):
+    """More logits than one CPU chunk: several anchor chunks (140 x 4000), or class chunks (C > 4096)."""
+    n, num_classes = shape
+    x = features(n, 6, gen, "cpu")
+    weight = features(num_classes, 6, gen, "cpu")
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    kwargs = dict(scale=8.0, margin=0.3, label_smoothing=0.1, reduction=reduction)
+    assert_same(
+        value_and_grads(reid_ext.cosine_softmax_loss, [x, weight], x, weight, labels, **kwargs),
+        value_and_grads(reference.cosine_softmax_loss, [x, weight], x, weight, labels, **kwargs),
+    )
+
+
+@pytest.mark.parametrize("shape", [(37, 300), (0, 300), (140, 4000), (5, 4500)])
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("wants", [(True, True), (True, False), (False, True)])
+def test_cosine_softmax_with_grad_matches_two_ops(shape, mean, wants, gen):
+    """The CPU op that returns the reduced loss with its gradients (one chunk of dot products for
+    both directions when the problem fits) equals the forward and backward ops."""
+    n, num_classes = shape
+    x = features(n, 6, gen, "cpu", requires_grad=False)
+    weight = features(num_classes, 6, gen, "cpu", requires_grad=False)
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    ops = torch.ops.reid_ext
+    total, grad_x, grad_w = ops._cosine_softmax_loss_with_grad(x, weight, labels, 8.0, 0.3, 0.1, mean, *wants)
+    loss, lse = ops.cosine_softmax_loss(x, weight, labels, 8.0, 0.3, 0.1)
+    factor = 1.0 / max(n, 1) if mean else 1.0
+    expected_x, expected_w = ops._cosine_softmax_loss_backward(torch.full_like(loss, factor), x, weight, labels, lse,
+                                                               8.0, 0.3, 0.1, *wants)
+    torch.testing.assert_close(total, loss.sum() * factor)
+    torch.testing.assert_close(grad_x, expected_x)
+    torch.testing.assert_close(grad_w, expected_w)
+    if wants[1]:
+        assert grad_w.shape == weight.shape and (n > 0 or (grad_w == 0).all())
+
+
 def test_cosine_softmax_gradcheck(gen):
     x = features(7, 4, gen, "cpu")
     weight = features(5, 4, gen, "cpu")
@@ -317,6 +355,9 @@ def test_cosine_softmax_gradcheck(gen):
     assert torch.autograd.gradcheck(
         lambda a, w: reid_ext.cosine_softmax_loss(a, w, labels, scale=4.0, label_smoothing=0.1, reduction="none"),
         (x, weight),
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, w: reid_ext.cosine_softmax_loss(a, w, labels, scale=4.0, label_smoothing=0.1), (x, weight)
     )
 
 
@@ -446,7 +487,10 @@ def _opcheck_cases(device):
         (ops.cosine_softmax_loss.default, (x, weight, labels % 5, 8.0, 0.2, 0.1)),
         (ops._cosine_softmax_loss_backward.default, (ones, xd, weight.detach(), labels % 5, lse, 8.0, 0.2, 0.1,
                                                      True, True)),
-    ]
+    ] + ([
+        (ops._cosine_softmax_loss_with_grad.default, (x, weight, labels % 5, 8.0, 0.2, 0.1, True, True, True)),
+        (ops._cosine_softmax_loss_with_grad.default, (x, weight.detach(), labels % 5, 8.0, 0.2, 0.0, False, True, False)),
+    ] if device == "cpu" else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -557,6 +601,8 @@ def test_cuda_kernels_registered_when_built_with_cuda():
                  "_modality_centers_backward", "cosine_softmax_loss", "_cosine_softmax_loss_backward"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CUDA") == reid_ext.WITH_CUDA, name
+    # CPU only: the one-chunk fast path of small CPU problems.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("reid_ext::_cosine_softmax_loss_with_grad", "CPU")
 
 
 # ---------------------------------------------------------------- bad input

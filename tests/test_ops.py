@@ -62,8 +62,8 @@ def test_cosine_similarity_gradcheck(gen):
 # ---------------------------------------------------------------- unified_triplet_loss
 
 
-def unified_case(n, d, gen, device, layout, mode, dtype=torch.float64):
-    x = features(n, d, gen, device, dtype)
+def unified_case(n, d, gen, device, layout, mode, dtype=torch.float64, requires_grad=True):
+    x = features(n, d, gen, device, dtype, requires_grad)
     labels = make_labels(layout, n, gen).to(device)
     modalities = torch.randint(0, 2, (n,), generator=gen).to(device)
     return x, labels, modalities
@@ -88,20 +88,21 @@ def test_unified_matches_reference(device, layout, mode, reduction, gen):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("ref_requires_grad", [False, True])
-def test_unified_reference_bank(device, mode, ref_requires_grad, gen):
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_unified_reference_bank(device, mode, ref_requires_grad, reduction, gen):
     dtype = torch.float64 if device == "cpu" else torch.float32
     x, labels, modalities = unified_case(33, 16, gen, device, "pk", mode, dtype)
     bank = features(150, 16, gen, device, dtype, requires_grad=ref_requires_grad)
     bank_labels = torch.randint(0, 12, (150,), generator=gen).to(device)
     bank_modalities = torch.randint(0, 2, (150,), generator=gen).to(device)
     kwargs = dict(gamma=16.0, modalities=modalities, mode=mode, ref=bank, ref_labels=bank_labels,
-                  ref_modalities=bank_modalities, reduction="none")
+                  ref_modalities=bank_modalities, reduction=reduction)
     inputs = [x, bank] if ref_requires_grad else [x]
     tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     ours = value_and_grads(reid_ext.unified_triplet_loss, inputs, x, labels, **kwargs)
     assert_close_all(ours, value_and_grads(reference.unified_triplet_loss, inputs, x, labels, **kwargs), **tol)
     if not ref_requires_grad:
-        loss = reid_ext.unified_triplet_loss(x, labels, **kwargs).sum()
+        loss = reid_ext.unified_triplet_loss(x, labels, **kwargs)
         assert loss.grad_fn is not None and not bank.requires_grad
 
 
@@ -138,7 +139,73 @@ def test_unified_gradcheck(mode, gen):
                                              ref_labels=bank_labels, ref_modalities=bank_modalities)
 
     assert torch.autograd.gradcheck(batch, (x,))
+    assert torch.autograd.gradcheck(lambda a: batch(a).sum(), (x,))
     assert torch.autograd.gradcheck(with_bank, (x, bank))
+
+
+def _two_pass(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, mean):
+    """The reduced loss and its gradients from the forward op and the backward op."""
+    ops = torch.ops.reid_ext
+    loss, valid, lse_neg, lse_pos = ops.unified_triplet_loss(x, labels, modalities, ref, ref_labels, ref_modalities,
+                                                             gamma, margin, mode)
+    scale = 1.0 / max(int(valid.sum()), 1) if mean else 1.0
+    grad_x, grad_ref = ops._unified_triplet_loss_backward(
+        torch.full_like(loss, scale), x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos,
+        gamma, margin, mode, ref is not None)
+    return loss.sum() * scale, grad_x, grad_ref
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("shape", [(45, None), (131, None), (300, None), (40, 200), (40, 300)])
+def test_unified_with_grad_matches_two_pass(mode, mean, shape, gen):
+    """The CPU op that returns the loss with its gradient (one tile for both directions when
+    the problem fits, else a forward and a backward pass) equals the two ops."""
+    n, m = shape
+    x, labels, modalities = unified_case(n, 12, gen, "cpu", "pk", mode, requires_grad=False)
+    ref = ref_labels = ref_modalities = None
+    if m is not None:
+        ref = features(m, 12, gen, "cpu", requires_grad=False)
+        ref_labels = torch.randint(0, n // 4, (m,), generator=gen)
+        ref_modalities = torch.randint(0, 2, (m,), generator=gen)
+    args = (x, labels, modalities, ref, ref_labels, ref_modalities, 6.0, 0.2, MODES.index(mode))
+    loss, grad_x, grad_ref = torch.ops.reid_ext._unified_triplet_loss_with_grad(*args, mean, ref is not None)
+    expected = _two_pass(*args, mean)
+    torch.testing.assert_close(loss, expected[0])
+    torch.testing.assert_close(grad_x, expected[1])
+    torch.testing.assert_close(grad_ref, expected[2])
+    # and both equal the reference (131 anchors: the odd split of the mirrored dot products)
+    kwargs = dict(gamma=6.0, margin=0.2, modalities=modalities, mode=mode, ref=ref, ref_labels=ref_labels,
+                  ref_modalities=ref_modalities, reduction="mean" if mean else "sum")
+    x_ref = x.clone().requires_grad_(True)
+    expected_loss = reference.unified_triplet_loss(x_ref, labels, **kwargs)
+    torch.testing.assert_close(loss, expected_loss.detach())
+    torch.testing.assert_close(grad_x, torch.autograd.grad(expected_loss, x_ref)[0])
+
+
+def test_unified_path_choice(gen):
+    """The one-op path is taken exactly when it pays: small CPU problem, scalar reduction, grad wanted."""
+    x, labels, _ = unified_case(64, 8, gen, "cpu", "pk", "all")
+
+    def node(**kwargs):
+        loss = reid_ext.unified_triplet_loss(x, labels, **kwargs)
+        return type(loss.grad_fn).__name__ if loss.grad_fn is not None else None
+
+    assert "with_grad" in node()
+    assert "with_grad" in node(reduction="sum")
+    assert "with_grad" not in node(reduction="none")
+    big, big_labels, _ = unified_case(300, 8, gen, "cpu", "pk", "all")
+    assert "with_grad" not in type(reid_ext.unified_triplet_loss(big, big_labels).grad_fn).__name__
+    with torch.no_grad():
+        assert node() is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_raises(reduction, gen):
+    x, labels, _ = unified_case(16, 8, gen, "cpu", "pk", "all")
+    loss = reid_ext.unified_triplet_loss(x, labels, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -232,7 +299,11 @@ def _opcheck_cases(device):
         (ops._unified_triplet_loss_backward.default,
          (torch.ones_like(loss), x.detach(), labels, mods, y.detach(), ref_labels, ref_mods, valid, lse_neg, lse_pos,
           4.0, 0.25, 1, True)),
-    ]
+    ] + ([
+        (ops._unified_triplet_loss_with_grad.default, (x, labels, None, None, None, None, 4.0, 0.25, 0, True, False)),
+        (ops._unified_triplet_loss_with_grad.default,
+         (x, labels, mods, y, ref_labels, ref_mods, 4.0, 0.25, 1, False, True)),
+    ] if device == "cpu" else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -402,6 +473,8 @@ def test_cuda_kernels_registered_when_built_with_cuda():
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CUDA") == reid_ext.WITH_CUDA, name
+    # CPU only: the one-tile fast path of small CPU problems (a GPU runs such a problem in one launch per direction).
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("reid_ext::_unified_triplet_loss_with_grad", "CPU")
 
 
 def test_triplet_identity():

@@ -1,36 +1,23 @@
 // cosine_softmax_loss on CPU.
 //
-// Forward: anchor blocks in parallel stream tiles of class weights past their
-// anchors (one BLAS call per tile of dot products), normalize in the epilogue
-// and fold the logits into an online log-sum-exp, the target logit and the sum
-// of logits, which give the label-smoothed cross-entropy. The N x C logits are
-// never stored. Backward: recomputes the tiles, turns them into dL/dcos with the
-// saved log-sum-exp, and multiplies back: anchor blocks against the weights for
-// grad_x, class blocks against the anchors for grad_weight (no scatter).
+// The N x C logits are visited in chunks of at most kChunkLogits (whole rows of
+// classes unless C is very large), never all at once: one multi-threaded GEMM
+// gives a chunk's dot products, vectorized row loops (anchors in parallel) fold
+// them into per-anchor online log-sum-exps (forward) or turn them into dL/dz
+// (backward), and one GEMM per gradient multiplies each chunk back, in a fixed
+// order (deterministic). A problem of one chunk keeps its dot products for both
+// directions in _cosine_softmax_loss_with_grad.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "cpu/family_tiles_cpu.h"
+#include "cpu/tiles_cpu.h"
 
 namespace reid_ext {
 namespace cpu {
 namespace {
-
-using family::kBlockRows;
-using family::kTileCols;
-
-// Labels as int64, each checked to be a class index in [0, C).
-at::Tensor checked_labels(const at::Tensor& labels, int64_t num_classes) {
-  at::Tensor l = labels.to(at::kLong).contiguous();
-  const int64_t* data = l.data_ptr<int64_t>();
-  for (int64_t i = 0; i < l.numel(); ++i) {
-    TORCH_CHECK(data[i] >= 0 && data[i] < num_classes, "labels[", i, "] = ", data[i],
-                " is not a class index in [0, C=", num_classes, ")");
-  }
-  return l;
-}
 
 template <typename scalar_t>
 struct Logits {
@@ -39,36 +26,224 @@ struct Logits {
   int64_t num_classes;
 };
 
+// At most this many logits (2 MiB in float32) are held at once, and at most kChunkClasses per row.
+constexpr int64_t kChunkLogits = int64_t(1) << 19;
+constexpr int64_t kChunkClasses = 4096;
+constexpr int kLanes = 16;  // independent accumulators, so that row reductions vectorize
+
+// A chunk of the logits: anchors [i0, i0 + rows) against classes [j0, j0 + cols).
+struct Chunk {
+  int64_t i0, rows, j0, cols;
+};
+
+// Anchors and classes of the largest chunk.
+inline std::pair<int64_t, int64_t> chunk_shape(int64_t n, int64_t num_classes) {
+  const int64_t cols = std::min(num_classes, kChunkClasses);
+  return {std::min(n, std::max<int64_t>(1, kChunkLogits / std::max<int64_t>(cols, 1))), cols};
+}
+
+// Calls visit(chunk) for every chunk, anchors outer, classes inner.
+template <typename F>
+void for_each_chunk(int64_t n, int64_t num_classes, const F& visit) {
+  const auto [rows, cols] = chunk_shape(n, num_classes);
+  for (int64_t i0 = 0; i0 < n; i0 += rows)
+    for (int64_t j0 = 0; j0 < num_classes; j0 += cols)
+      visit(Chunk{i0, std::min(rows, n - i0), j0, std::min(cols, num_classes - j0)});
+}
+
+inline bool single_chunk(int64_t n, int64_t num_classes) {
+  return num_classes <= kChunkClasses && n * num_classes <= kChunkLogits;
+}
+
+// The dot products of a chunk: from `whole` (the single chunk's, computed once) when defined, else by a GEMM.
 template <typename scalar_t>
-void forward_impl(const at::Tensor& x, const at::Tensor& weight, const Logits<scalar_t>& lg, at::Tensor& loss,
-                  at::Tensor& lse) {
-  const int64_t num_classes = weight.size(0);
-  const family::RowNorms<scalar_t> nx(x), nw(weight);
+const scalar_t* chunk_dots(const at::Tensor& x, const at::Tensor& weight, const Chunk& ch, const at::Tensor& whole,
+                           at::Tensor& scratch) {
+  if (whole.defined()) return whole.data_ptr<scalar_t>();
+  if (!scratch.defined()) scratch = at::empty({ch.rows * ch.cols}, x.options());  // the first chunk is the largest
+  at::Tensor dots = scratch.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols});
+  at::mm_out(dots, x.narrow(0, ch.i0, ch.rows), weight.narrow(0, ch.j0, ch.cols).t());
+  return dots.data_ptr<scalar_t>();
+}
+
+// z[c] = cosine_logit of one anchor against classes c in [0, cols), its target at column
+// target (outside [0, cols) when the target class is not among them).
+template <typename scalar_t>
+REID_EXT_ALWAYS_INLINE void row_logits_impl(const scalar_t* dots, int64_t cols, int64_t target, scalar_t inv_row,
+                                            const scalar_t* inv_cols, scalar_t scale, scalar_t margin, scalar_t* z) {
+  for (int64_t c = 0; c < cols; ++c) {
+    z[c] = scale * (dots[c] * inv_row * inv_cols[c] - (c == target ? margin : scalar_t(0)));
+  }
+}
+
+// Folds z[0, cols) into lse (online) and adds it to logit_sum.
+template <typename scalar_t>
+REID_EXT_ALWAYS_INLINE void fold_logits_impl(const scalar_t* z, int64_t cols, OnlineLSE<scalar_t>& lse,
+                                             scalar_t& logit_sum) {
+  scalar_t lane_max[kLanes], lane_sum[kLanes] = {}, lane_exp[kLanes] = {};
+  for (int l = 0; l < kLanes; ++l) lane_max[l] = neg_infinity<scalar_t>();
+  const int64_t body = cols - cols % kLanes;
+  for (int64_t c0 = 0; c0 < body; c0 += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      lane_max[l] = z[c0 + l] > lane_max[l] ? z[c0 + l] : lane_max[l];
+      lane_sum[l] += z[c0 + l];
+    }
+  scalar_t m = neg_infinity<scalar_t>(), sum = 0;
+  for (int l = 0; l < kLanes; ++l) m = lane_max[l] > m ? lane_max[l] : m, sum += lane_sum[l];
+  for (int64_t c = body; c < cols; ++c) m = z[c] > m ? z[c] : m, sum += z[c];
+  for (int64_t c0 = 0; c0 < body; c0 += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane_exp[l] += vexp(z[c0 + l] - m);
+  scalar_t exp_sum = 0;
+  for (int l = 0; l < kLanes; ++l) exp_sum += lane_exp[l];
+  for (int64_t c = body; c < cols; ++c) exp_sum += vexp(z[c] - m);
+  // A NaN logit is skipped by the max but makes exp_sum NaN, which merge() keeps.
+  lse.merge(m, exp_sum);
+  logit_sum += sum;
+}
+
+// From the logits z[0, cols) of one anchor: g_c = grad_scale * dCE/dz_c, then
+// coef_x[c] = g_c * inv_cols[c] and coef_w[c] = g_c * inv_row (each when wanted).
+template <typename scalar_t, bool kX, bool kW>
+REID_EXT_ALWAYS_INLINE void row_coefficients_impl(const scalar_t* z, int64_t cols, int64_t target, scalar_t lse,
+                                                  scalar_t grad_scale, scalar_t smoothing, int64_t num_classes,
+                                                  scalar_t inv_row, const scalar_t* inv_cols, scalar_t* coef_x,
+                                                  scalar_t* coef_w) {
+  const scalar_t uniform = smoothing / scalar_t(num_classes), on_target = scalar_t(1) - smoothing;
+  for (int64_t c = 0; c < cols; ++c) {
+    const scalar_t g = grad_scale * (vexp(z[c] - lse) - (c == target ? on_target : scalar_t(0)) - uniform);
+    if (kX) coef_x[c] = g * inv_cols[c];
+    if (kW) coef_w[c] = g * inv_row;
+  }
+}
+
+// The vectorized row loops, compiled per ISA (see REID_EXT_CPU_CLONES).
+#define REID_EXT_ROW_LOOPS(T)                                                                                     \
+  REID_EXT_CPU_CLONES void row_logits(const T* dots, int64_t cols, int64_t target, T inv_row, const T* inv_cols,   \
+                                      T scale, T margin, T* z) {                                                   \
+    row_logits_impl<T>(dots, cols, target, inv_row, inv_cols, scale, margin, z);                                   \
+  }                                                                                                               \
+  REID_EXT_CPU_CLONES void fold_logits(const T* z, int64_t cols, OnlineLSE<T>& lse, T& logit_sum) {               \
+    fold_logits_impl<T>(z, cols, lse, logit_sum);                                                                  \
+  }                                                                                                               \
+  REID_EXT_CPU_CLONES void row_coefficients(const T* z, int64_t cols, int64_t target, T lse, T grad_scale,          \
+                                            T smoothing, int64_t num_classes, T inv_row, const T* inv_cols,        \
+                                            T* coef_x, T* coef_w) {                                                \
+    if (coef_x && coef_w)                                                                                         \
+      row_coefficients_impl<T, true, true>(z, cols, target, lse, grad_scale, smoothing, num_classes, inv_row,     \
+                                           inv_cols, coef_x, coef_w);                                              \
+    else if (coef_x)                                                                                              \
+      row_coefficients_impl<T, true, false>(z, cols, target, lse, grad_scale, smoothing, num_classes, inv_row,    \
+                                            inv_cols, coef_x, coef_w);                                             \
+    else                                                                                                          \
+      row_coefficients_impl<T, false, true>(z, cols, target, lse, grad_scale, smoothing, num_classes, inv_row,    \
+                                            inv_cols, coef_x, coef_w);                                             \
+  }
+REID_EXT_ROW_LOOPS(float)
+REID_EXT_ROW_LOOPS(double)
+#undef REID_EXT_ROW_LOOPS
+
+// Per-anchor statistics of the logits, folded over chunks of classes.
+template <typename scalar_t>
+struct AnchorFold {
+  OnlineLSE<scalar_t> lse;
+  scalar_t target = 0, logit_sum = 0;
+};
+
+// Everything the chunk loops need about one problem.
+template <typename scalar_t>
+struct Problem {
+  const at::Tensor &x, &weight;
+  Logits<scalar_t> lg;
+  family::RowNorms<scalar_t> nx, nw;
+  // The dot products of a single-chunk problem, shared by both directions; undefined otherwise.
+  at::Tensor whole;
+
+  Problem(const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& labels, double scale, double margin,
+          double smoothing)
+      : x(x_), weight(weight_),
+        lg{labels.data_ptr<int64_t>(), scalar_t(scale), scalar_t(margin), scalar_t(smoothing), weight_.size(0)},
+        nx(x_), nw(weight_),
+        whole(single_chunk(x_.size(0), weight_.size(0)) ? at::mm(x_, weight_.t()) : at::Tensor()) {}
+};
+
+template <typename scalar_t>
+void forward_impl(const Problem<scalar_t>& pb, at::Tensor& loss, at::Tensor& lse) {
+  const int64_t n = pb.x.size(0), num_classes = pb.weight.size(0);
+  std::vector<AnchorFold<scalar_t>> folds(n);
+  at::Tensor scratch;
+  for_each_chunk(n, num_classes, [&](const Chunk& ch) {
+    const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, pb.whole, scratch);
+    at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> z(ch.cols);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t i = ch.i0 + r, target = pb.lg.labels[i] - ch.j0;
+        AnchorFold<scalar_t>& fold = folds[i];
+        row_logits(dots + r * ch.cols, ch.cols, target, pb.nx.inv[i], pb.nw.inv.data() + ch.j0, pb.lg.scale,
+                   pb.lg.margin, z.data());
+        fold_logits(z.data(), ch.cols, fold.lse, fold.logit_sum);
+        if (target >= 0 && target < ch.cols) fold.target = z[target];
+      }
+    });
+  });
   scalar_t* loss_out = loss.data_ptr<scalar_t>();
   scalar_t* lse_out = lse.data_ptr<scalar_t>();
-  family::for_each_row_block<scalar_t>(x, weight, [&](family::TileStream<scalar_t>& tiles, int64_t i0, int64_t rows) {
-    OnlineLSE<scalar_t> row_lse[kBlockRows];
-    scalar_t target[kBlockRows] = {}, logit_sum[kBlockRows] = {};
-    for (int64_t j0 = 0; j0 < num_classes; j0 += kTileCols) {
-      const int64_t cols = std::min(kTileCols, num_classes - j0);
-      const scalar_t* dots = tiles.dots(i0, rows, j0, cols);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = i0 + r, label = lg.labels[i];
-        for (int64_t c = 0; c < cols; ++c) {
-          const int64_t j = j0 + c;
-          const scalar_t z = cosine_logit(dots[r * cols + c] * nx.inv[i] * nw.inv[j], j == label, lg.scale, lg.margin);
-          row_lse[r].push(z);
-          logit_sum[r] += z;
-          if (j == label) target[r] = z;
-        }
+  for (int64_t i = 0; i < n; ++i) {
+    lse_out[i] = folds[i].lse.value();
+    loss_out[i] = smoothed_cross_entropy(lse_out[i], folds[i].target, folds[i].logit_sum, pb.lg.smoothing, num_classes);
+  }
+}
+
+// grad_x and/or grad_w (either may be null): per chunk, coefficient rows in parallel, then
+// acc_x[I] += coef_x @ W[J] and acc_w[J] += coef_w^T @ X[I]; last the normalization
+// Jacobian, whose radial term is an_i . p_i (no second pass over the logits).
+template <typename scalar_t>
+void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad, const scalar_t* lse, at::Tensor* grad_x,
+                   at::Tensor* grad_w) {
+  const int64_t n = pb.x.size(0), num_classes = pb.weight.size(0);
+  // A single chunk writes each gradient once; accumulation across chunks (or none) needs zeros.
+  const bool overwrite = pb.whole.defined() && n > 0;
+  if (grad_x && !overwrite) grad_x->zero_();
+  if (grad_w && !overwrite) grad_w->zero_();
+  at::Tensor scratch;
+  const auto [max_rows, max_cols] = chunk_shape(n, num_classes);
+  at::Tensor coef_x = grad_x ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
+  at::Tensor coef_w = grad_w ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
+  for_each_chunk(n, num_classes, [&](const Chunk& ch) {
+    const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, pb.whole, scratch);
+    scalar_t* cx = grad_x ? coef_x.data_ptr<scalar_t>() : nullptr;
+    scalar_t* cw = grad_w ? coef_w.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> z(ch.cols);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t i = ch.i0 + r, target = pb.lg.labels[i] - ch.j0;
+        const scalar_t* inv_w = pb.nw.inv.data() + ch.j0;
+        row_logits(dots + r * ch.cols, ch.cols, target, pb.nx.inv[i], inv_w, pb.lg.scale, pb.lg.margin, z.data());
+        row_coefficients(z.data(), ch.cols, target, lse[i], grad[i] * pb.lg.scale, pb.lg.smoothing, num_classes,
+                         pb.nx.inv[i], inv_w, cx ? cx + r * ch.cols : nullptr, cw ? cw + r * ch.cols : nullptr);
+      }
+    });
+    const at::Tensor x_rows = pb.x.narrow(0, ch.i0, ch.rows), w_rows = pb.weight.narrow(0, ch.j0, ch.cols);
+    if (grad_x) {
+      const at::Tensor c = coef_x.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols});
+      at::Tensor out = grad_x->narrow(0, ch.i0, ch.rows);
+      if (overwrite) {
+        at::mm_out(out, c, w_rows);
+      } else {
+        out.addmm_(c, w_rows);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t value = row_lse[r].value();
-      lse_out[i0 + r] = value;
-      loss_out[i0 + r] = smoothed_cross_entropy(value, target[r], logit_sum[r], lg.smoothing, num_classes);
+    if (grad_w) {
+      const at::Tensor c = coef_w.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols});
+      at::Tensor out = grad_w->narrow(0, ch.j0, ch.cols);
+      if (overwrite) {
+        at::mm_out(out, c.t(), x_rows);
+      } else {
+        out.addmm_(c.t(), x_rows);
+      }
     }
   });
+  if (grad_x) normalization_backward<scalar_t>(pb.x, pb.nx.inv, pb.nx.radial, *grad_x);
+  if (grad_w) normalization_backward<scalar_t>(pb.weight, pb.nw.inv, pb.nw.radial, *grad_w);
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
@@ -77,61 +252,15 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_cpu(const at::Tensor& x_i
   check_cosine_softmax_inputs(x_in, weight_in, labels_in, scale, label_smoothing);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor labels = checked_labels(labels_in, weight.size(0));
+  const at::Tensor labels = family::checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
   at::Tensor loss = at::empty({x.size(0)}, x.options());
   at::Tensor lse = at::empty({x.size(0)}, x.options());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs inside are not part of the graph
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_softmax_loss_cpu", [&] {
-    const Logits<scalar_t> lg{labels.data_ptr<int64_t>(), static_cast<scalar_t>(scale),
-                              static_cast<scalar_t>(margin), static_cast<scalar_t>(label_smoothing),
-                              weight.size(0)};
-    forward_impl<scalar_t>(x, weight, lg, loss, lse);
+    const Problem<scalar_t> pb(x, weight, labels, scale, margin, label_smoothing);
+    forward_impl<scalar_t>(pb, loss, lse);
   });
   return {loss, lse};
-}
-
-// One side of the backward. G_ic = grad_i * scale * dCE_i/dz_ic is dL/dcos_ic; with rows = anchors
-// grad_x[i] = inv_i * sum_c G_ic inv_c w_c - x_i * radial_i * sum_c G_ic cos_ic, and with
-// rows = classes the same with the roles of x and weight swapped (a column reduction of G).
-template <typename scalar_t>
-void backward_side(const at::Tensor& x, const at::Tensor& weight, const Logits<scalar_t>& lg, const scalar_t* grad,
-                   const scalar_t* lse, const family::RowNorms<scalar_t>& nx,
-                   const family::RowNorms<scalar_t>& nw, bool rows_are_anchors, at::Tensor& out) {
-  const at::Tensor& a = rows_are_anchors ? x : weight;
-  const at::Tensor& b = rows_are_anchors ? weight : x;
-  const family::RowNorms<scalar_t>& na = rows_are_anchors ? nx : nw;
-  const family::RowNorms<scalar_t>& nb = rows_are_anchors ? nw : nx;
-  const int64_t cols_total = b.size(0), d = a.size(1);
-  const scalar_t* a_data = a.data_ptr<scalar_t>();
-  scalar_t* out_data = out.data_ptr<scalar_t>();
-  family::for_each_row_block<scalar_t>(a, b, [&](family::TileStream<scalar_t>& tiles, int64_t i0, int64_t rows) {
-    scalar_t radial_sum[kBlockRows] = {};
-    tiles.clear_accumulator(rows);
-    for (int64_t j0 = 0; j0 < cols_total; j0 += kTileCols) {
-      const int64_t cols = std::min(kTileCols, cols_total - j0);
-      const scalar_t* dots = tiles.dots(i0, rows, j0, cols);
-      scalar_t* coef = tiles.coefficients();
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t c = 0; c < cols; ++c) {
-          const int64_t anchor = rows_are_anchors ? i0 + r : j0 + c;
-          const int64_t cls = rows_are_anchors ? j0 + c : i0 + r;
-          const bool is_target = lg.labels[anchor] == cls;
-          const scalar_t cos = dots[r * cols + c] * na.inv[i0 + r] * nb.inv[j0 + c];
-          const scalar_t z = cosine_logit(cos, is_target, lg.scale, lg.margin);
-          const scalar_t g = grad[anchor] * lg.scale *
-                             smoothed_cross_entropy_grad(z, lse[anchor], is_target, lg.smoothing, lg.num_classes);
-          coef[r * cols + c] = g * nb.inv[j0 + c];
-          radial_sum[r] += g * cos;
-        }
-      }
-      tiles.accumulate(rows, j0, cols);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = i0 + r;
-      const scalar_t* acc = tiles.accumulated(r);
-      const scalar_t shrink = na.radial[i] * radial_sum[r];
-      for (int64_t k = 0; k < d; ++k) out_data[i * d + k] = na.inv[i] * acc[k] - shrink * a_data[i * d + k];
-    }
-  });
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cpu(
@@ -143,26 +272,51 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cpu(
   check_per_row(lse_in, "lse", x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor labels = checked_labels(labels_in, weight.size(0));
+  const at::Tensor labels = family::checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
   const int64_t d = x.size(1);
   at::Tensor grad_x = x_requires_grad ? at::empty_like(x) : at::empty({0, d}, x.options());
   at::Tensor grad_w = weight_requires_grad ? at::empty_like(weight) : at::empty({0, d}, x.options());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_softmax_loss_backward_cpu", [&] {
     const at::Tensor g = grad_loss.to(x.scalar_type()).contiguous();
     const at::Tensor lse = lse_in.to(x.scalar_type()).contiguous();
-    const Logits<scalar_t> lg{labels.data_ptr<int64_t>(), static_cast<scalar_t>(scale),
-                              static_cast<scalar_t>(margin), static_cast<scalar_t>(label_smoothing),
-                              weight.size(0)};
-    const family::RowNorms<scalar_t> nx(x), nw(weight);
-    if (x_requires_grad) {
-      backward_side<scalar_t>(x, weight, lg, g.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), nx, nw, true, grad_x);
-    }
-    if (weight_requires_grad) {
-      backward_side<scalar_t>(x, weight, lg, g.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), nx, nw, false,
-                              grad_w);
-    }
+    const Problem<scalar_t> pb(x, weight, labels, scale, margin, label_smoothing);
+    backward_impl<scalar_t>(pb, g.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), x_requires_grad ? &grad_x : nullptr,
+                            weight_requires_grad ? &grad_w : nullptr);
   });
   return {grad_x, grad_w};
+}
+
+// The mean (over the N anchors) or sum of the loss, with its gradients, in one call: a
+// single-chunk problem computes its dot products once for both directions (three GEMMs of
+// N*C*D, as eager PyTorch, instead of four); a larger one runs the forward and the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_loss_with_grad_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels_in, double scale, double margin,
+    double label_smoothing, bool mean, bool x_requires_grad, bool weight_requires_grad) {
+  check_cosine_softmax_inputs(x_in, weight_in, labels_in, scale, label_smoothing);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor labels = family::checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
+  const int64_t n = x.size(0), d = x.size(1);
+  at::Tensor loss = at::empty({n}, x.options());
+  at::Tensor lse = at::empty({n}, x.options());
+  at::Tensor total = at::empty({}, x.options());
+  at::Tensor grad_x = x_requires_grad ? at::empty_like(x) : at::empty({0, d}, x.options());
+  at::Tensor grad_w = weight_requires_grad ? at::empty_like(weight) : at::empty({0, d}, x.options());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_softmax_loss_with_grad_cpu", [&] {
+    const Problem<scalar_t> pb(x, weight, labels, scale, margin, label_smoothing);
+    forward_impl<scalar_t>(pb, loss, lse);
+    const scalar_t* loss_data = loss.data_ptr<scalar_t>();
+    scalar_t sum = 0;
+    for (int64_t i = 0; i < n; ++i) sum += loss_data[i];
+    const scalar_t factor = mean ? scalar_t(1) / scalar_t(std::max<int64_t>(n, 1)) : scalar_t(1);
+    total.fill_(sum * factor);
+    const std::vector<scalar_t> grad(n, factor);
+    backward_impl<scalar_t>(pb, grad.data(), lse.data_ptr<scalar_t>(), x_requires_grad ? &grad_x : nullptr,
+                            weight_requires_grad ? &grad_w : nullptr);
+  });
+  return {total, grad_x, grad_w};
 }
 
 }  // namespace
@@ -170,6 +324,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cpu(
 TORCH_LIBRARY_IMPL(reid_ext, CPU, m) {
   m.impl("cosine_softmax_loss", &cosine_softmax_loss_cpu);
   m.impl("_cosine_softmax_loss_backward", &cosine_softmax_loss_backward_cpu);
+  m.impl("_cosine_softmax_loss_with_grad", &cosine_softmax_loss_with_grad_cpu);
 }
 
 }  // namespace cpu

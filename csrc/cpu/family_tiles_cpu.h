@@ -1,7 +1,7 @@
 // CPU building blocks of batch_hard_triplet_loss, modality_centers and
-// cosine_softmax_loss: row norms, and a per-thread workspace that streams tiles
-// of dot products (one BLAS call per tile) past a block of rows, so that no
-// kernel ever holds a full N x M matrix.
+// cosine_softmax_loss: row norms, and (batch-hard) a per-thread workspace that
+// streams tiles of dot products (one BLAS call per tile) past a block of rows,
+// so that no kernel ever holds a full N x M matrix.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -14,7 +14,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "common.h"
+#include "cpu/tiles_cpu.h"
 
 namespace reid_ext {
 namespace cpu {
@@ -30,20 +30,17 @@ constexpr double kNormEps = 1e-12;
 // ATen's own grain, so that small problems stay on one thread.
 inline int64_t rows_per_task(int64_t cost) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cost, 1)); }
 
-// <a, b> with 8 independent partial sums in a fixed order: a single running sum is bound by
-// the latency of each addition (the compiler may not reorder float additions); 8 of them
-// vectorize and pipeline, and the result is still the same on every run.
-template <typename scalar_t>
-inline scalar_t dot_product(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t d) {
-  constexpr int64_t kLanes = 8;
-  scalar_t part[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= d; k += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[k + l] * b[k + l];
+// `values` as int64, each checked to be in [0, limit): the error reads
+// "<name>[i] = v is not <what> [0, <limit_name>=limit)".
+inline at::Tensor checked_indices(const at::Tensor& values, const char* name, const char* what,
+                                  const char* limit_name, int64_t limit) {
+  at::Tensor v = values.to(at::kLong).contiguous();
+  const int64_t* data = v.data_ptr<int64_t>();
+  for (int64_t i = 0; i < v.numel(); ++i) {
+    TORCH_CHECK(data[i] >= 0 && data[i] < limit, name, "[", i, "] = ", data[i], " is not ", what, " [0, ", limit_name,
+                "=", limit, ")");
   }
-  scalar_t tail = 0;
-  for (; k < d; ++k) tail += a[k] * b[k];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
+  return v;
 }
 
 // out[k] += scale * v[k]
@@ -88,30 +85,8 @@ class TileStream {
     return out.data_ptr<scalar_t>();
   }
 
-  // Backward tiles: a [rows, cols] coefficient tile to fill, then acc[rows, D] += coef @ b[j0, j0 + cols).
-  scalar_t* coefficients() {
-    if (!coef_.defined()) {
-      coef_ = at::empty({kBlockRows * kTileCols}, a_.options());
-      acc_ = at::empty({kBlockRows, a_.size(1)}, a_.options());
-    }
-    return coef_.data_ptr<scalar_t>();
-  }
-
-  void clear_accumulator(int64_t rows) {
-    coefficients();
-    acc_.narrow(0, 0, rows).zero_();
-  }
-
-  void accumulate(int64_t rows, int64_t j0, int64_t cols) {
-    at::Tensor acc = acc_.narrow(0, 0, rows);
-    acc.addmm_(coef_.narrow(0, 0, rows * cols).view({rows, cols}), b_.narrow(0, j0, cols));
-  }
-
-  // Row r of the accumulator (D values).
-  const scalar_t* accumulated(int64_t r) const { return acc_.data_ptr<scalar_t>() + r * a_.size(1); }
-
  private:
-  at::Tensor a_, b_, dots_, coef_, acc_;
+  at::Tensor a_, b_, dots_;
 };
 
 // body(stream, i0, rows) for every block of kBlockRows rows of a, blocks in parallel,

@@ -15,17 +15,6 @@ namespace reid_ext {
 namespace cpu {
 namespace {
 
-// Checks that every group id is in [0, num_groups) and returns them as int64.
-at::Tensor checked_groups(const at::Tensor& group, int64_t num_groups) {
-  at::Tensor g = group.to(at::kLong).contiguous();
-  const int64_t* data = g.data_ptr<int64_t>();
-  for (int64_t i = 0; i < g.numel(); ++i) {
-    TORCH_CHECK(data[i] >= 0 && data[i] < num_groups, "group[", i, "] = ", data[i], " is not in [0, num_groups=",
-                num_groups, ")");
-  }
-  return g;
-}
-
 template <typename scalar_t>
 void forward_impl(const at::Tensor& x, const int64_t* group, int64_t num_groups, bool normalize, at::Tensor& centers,
                   at::Tensor& counts) {
@@ -65,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> modality_centers_cpu(const at::Tensor& x_in, 
                                                         int64_t num_groups, bool normalize) {
   check_center_inputs(x_in, group_in, num_groups);
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor group = checked_groups(group_in, num_groups);
+  const at::Tensor group = family::checked_indices(group_in, "group", "in", "num_groups", num_groups);
   at::Tensor centers = at::empty({num_groups, x.size(1)}, x.options());
   at::Tensor counts = at::empty({num_groups}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "modality_centers_cpu", [&] {
@@ -101,7 +90,7 @@ void backward_impl(const at::Tensor& grad_centers, const at::Tensor& x, const in
         for (int64_t k = 0; k < d; ++k) row[k] = share * v[k];
         continue;
       }
-      const scalar_t dot = family::dot_product(xi, v, d);
+      const scalar_t dot = dot_product(xi, v, d);
       const scalar_t along = share * inv[i], shrink = share * radial[i] * inv[i] * dot;
       for (int64_t k = 0; k < d; ++k) row[k] = along * v[k] - shrink * xi[k];
     }
@@ -118,7 +107,7 @@ at::Tensor modality_centers_backward_cpu(const at::Tensor& grad_centers_in, cons
               "grad_centers must be Tensor[G, D] = [", num_groups, ", ", x_in.size(1), "], got shape ",
               grad_centers_in.sizes());
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor group = checked_groups(group_in, num_groups);
+  const at::Tensor group = family::checked_indices(group_in, "group", "in", "num_groups", num_groups);
   const at::Tensor counts = counts_in.to(at::kLong).contiguous();
   at::Tensor grad_x = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "modality_centers_backward_cpu", [&] {

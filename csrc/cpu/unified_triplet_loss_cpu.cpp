@@ -24,6 +24,9 @@ constexpr int64_t kBankTile = 256;  // references per tile against a bank
 constexpr int64_t kSingleTilePairs = 256 * 256;
 
 inline bool single_tile(int64_t n, int64_t m) { return m <= kBankTile && n * m <= kSingleTilePairs; }
+// From this batch size on, a single tile of the batch against itself computes half of its
+// symmetric dot products by mirroring (below it, two smaller GEMMs cost more than they save).
+constexpr int64_t kHalfDotsFrom = 128;
 constexpr int kLanes = 16;          // independent accumulators, so row reductions vectorize
 
 // One side of a tile: labels, modalities and inverse norms from row `first` on.
@@ -224,12 +227,13 @@ struct Problem {
   const UnifiedInputs& in;
   int mode;
   scalar_t gamma, margin;
-  std::vector<scalar_t> inv_x, inv_ref;
+  // Inverse norms, and the radial factors of the normalization Jacobian (for the backward).
+  std::vector<scalar_t> inv_x, inv_ref, radial_x, radial_ref;
 
   Problem(const UnifiedInputs& inputs, int64_t mode_, double gamma_, double margin_)
       : in(inputs), mode(static_cast<int>(mode_)), gamma(scalar_t(gamma_)), margin(scalar_t(margin_)) {
-    inverse_norms<scalar_t>(in.x, scalar_t(kNormEps), inv_x, nullptr);
-    if (!in.self_ref) inverse_norms<scalar_t>(in.ref, scalar_t(kNormEps), inv_ref, nullptr);
+    inverse_norms<scalar_t>(in.x, scalar_t(kNormEps), inv_x, &radial_x);
+    if (!in.self_ref) inverse_norms<scalar_t>(in.ref, scalar_t(kNormEps), inv_ref, &radial_ref);
   }
 
   const std::vector<scalar_t>& ref_inv() const { return in.self_ref ? inv_x : inv_ref; }
@@ -306,16 +310,41 @@ struct TileScratch {
       : dots(at::empty({rows * cols}, options)), a(rows * cols), b(rows * cols), col_a(cols), col_b(cols) {}
 };
 
+// The dot products of a single-tile problem, computed once by one multi-threaded GEMM and
+// shared by the forward and the backward of _unified_triplet_loss_with_grad; undefined otherwise.
+inline at::Tensor whole_dots(const UnifiedInputs& in) {
+  const int64_t n = in.x.size(0);
+  if (!single_tile(n, in.ref.size(0))) return at::Tensor();
+  if (!in.self_ref || n < kHalfDotsFrom) return at::mm(in.x, in.ref.t());
+  // X X^T is symmetric: the top half of the rows and the bottom-right block, then a mirrored
+  // copy of the bottom-left block: 3/4 of the multiply-adds.
+  const int64_t h = n / 2;
+  const at::Tensor top = in.x.narrow(0, 0, h), bottom = in.x.narrow(0, h, n - h);
+  at::Tensor dots = at::empty({n, n}, in.x.options());
+  at::Tensor top_rows = dots.narrow(0, 0, h), bottom_right = dots.narrow(0, h, n - h).narrow(1, h, n - h);
+  at::mm_out(top_rows, top, in.x.t());
+  at::mm_out(bottom_right, bottom, bottom.t());
+  dots.narrow(0, h, n - h).narrow(1, 0, h).copy_(dots.narrow(0, 0, h).narrow(1, h, n - h).t());
+  return dots;
+}
+
+// The forward's per-anchor outputs: loss, validity and the two log-sum-exps the backward reuses.
+struct AnchorOutputs {
+  at::Tensor loss, valid, lse_neg, lse_pos;
+
+  explicit AnchorOutputs(const at::Tensor& x)
+      : loss(at::empty({x.size(0)}, x.options())), valid(at::empty({x.size(0)}, x.options().dtype(at::kBool))),
+        lse_neg(at::empty({x.size(0)}, x.options())), lse_pos(at::empty({x.size(0)}, x.options())) {}
+};
+
 template <typename scalar_t>
-void forward_impl(const Problem<scalar_t>& pb, at::Tensor& loss, at::Tensor& valid, at::Tensor& lse_neg,
-                  at::Tensor& lse_pos) {
+void forward_impl(const Problem<scalar_t>& pb, const at::Tensor& all_dots, AnchorOutputs& out) {
   const UnifiedInputs& in = pb.in;
   const int64_t n = in.x.size(0), m = in.ref.size(0);
   const auto tile_size = max_tile(n, in.self_ref);
   Stats<scalar_t> st(n);
   // One scratch per worker thread, indexed by the thread that runs the tile.
   std::vector<std::unique_ptr<TileScratch<scalar_t>>> scratch(at::get_num_threads());
-  const at::Tensor all_dots = single_tile(n, m) ? at::mm(in.x, in.ref.t()) : at::Tensor();
   for_each_tile(n, m, in.self_ref, [&](const Tile& t) {
     auto& s = scratch[at::get_thread_num()];
     if (!s) s = std::make_unique<TileScratch<scalar_t>>(in.x.options(), tile_size.first, tile_size.second);
@@ -335,10 +364,10 @@ void forward_impl(const Problem<scalar_t>& pb, at::Tensor& loss, at::Tensor& val
                 s->col_a.data(), s->col_b.data());
     }
   });
-  scalar_t* loss_out = loss.data_ptr<scalar_t>();
-  bool* valid_out = valid.data_ptr<bool>();
-  scalar_t* neg_out = lse_neg.data_ptr<scalar_t>();
-  scalar_t* pos_out = lse_pos.data_ptr<scalar_t>();
+  scalar_t* loss_out = out.loss.data_ptr<scalar_t>();
+  bool* valid_out = out.valid.data_ptr<bool>();
+  scalar_t* neg_out = out.lse_neg.data_ptr<scalar_t>();
+  scalar_t* pos_out = out.lse_pos.data_ptr<scalar_t>();
   const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN(), none = neg_infinity<scalar_t>();
   for (int64_t i = 0; i < n; ++i) {
     const bool has_neg = st.neg_nan[i] || st.neg_max[i] != none;
@@ -358,31 +387,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_
     const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& ref_labels,
     const c10::optional<at::Tensor>& ref_modalities, double gamma, double margin, int64_t mode) {
   const UnifiedInputs in = check_unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
-  const int64_t n = in.x.size(0);
-  at::Tensor loss = at::empty({n}, in.x.options());
-  at::Tensor valid = at::empty({n}, in.x.options().dtype(at::kBool));
-  at::Tensor lse_neg = at::empty({n}, in.x.options());
-  at::Tensor lse_pos = at::empty({n}, in.x.options());
+  AnchorOutputs out(in.x);
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs inside are not part of the graph
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_cpu", [&] {
     const Problem<scalar_t> pb(in, mode, gamma, margin);
-    forward_impl<scalar_t>(pb, loss, valid, lse_neg, lse_pos);
+    forward_impl<scalar_t>(pb, whole_dots(in), out);
   });
-  return {loss, valid, lse_neg, lse_pos};
-}
-
-// In place, acc_i = sum_j dL/dS_ij inv_j b_j = dL/d(normalized a_i) becomes dL/da_i.
-template <typename scalar_t>
-void apply_normalization(const at::Tensor& a, at::Tensor& grad) {
-  std::vector<scalar_t> inv, radial_scale;
-  inverse_norms<scalar_t>(a, scalar_t(kNormEps), inv, &radial_scale);
-  normalization_backward<scalar_t>(a, inv, radial_scale, grad);
+  return {out.loss, out.valid, out.lse_neg, out.lse_pos};
 }
 
 // grad_x, and grad_ref when asked: acc_I += (g * inv_J) @ B_J per tile, then the Jacobian.
+// all_dots: whole_dots(in), which the caller may share with the forward.
 template <typename scalar_t>
-void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const bool* valid,
-                   const scalar_t* lse_neg, const scalar_t* lse_pos, at::Tensor& grad_x, at::Tensor* grad_ref) {
+void backward_impl(const Problem<scalar_t>& pb, const at::Tensor& all_dots, const scalar_t* grad_loss,
+                   const bool* valid, const scalar_t* lse_neg, const scalar_t* lse_pos, at::Tensor& grad_x,
+                   at::Tensor* grad_ref) {
   const UnifiedInputs& in = pb.in;
   const int64_t n = in.x.size(0), m = in.ref.size(0);
   std::vector<scalar_t> weight(n), shift_neg(n), shift_pos(n);
@@ -397,11 +416,12 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
   };
   const auto tile_size = max_tile(n, in.self_ref);
   std::vector<std::unique_ptr<TileScratch<scalar_t>>> scratch(at::get_num_threads());
-  const bool whole = single_tile(n, m);
+  const bool whole = all_dots.defined();
   if (!whole) grad_x.zero_();
-  if (grad_ref) grad_ref->zero_();
-  const at::Tensor all_dots = whole ? at::mm(in.x, in.ref.t()) : at::Tensor();
+  if (grad_ref && !whole) grad_ref->zero_();
+  // A single tile keeps its coefficients whole, for one GEMM per gradient after the loop.
   at::Tensor all_coef = whole ? at::empty({n, m}, in.x.options()) : at::Tensor();
+  at::Tensor all_ref_coef = whole && grad_ref ? at::empty({n, m}, in.x.options()) : at::Tensor();
   for_each_tile(n, m, in.self_ref, [&](const Tile& t) {
     auto& s = scratch[at::get_thread_num()];
     if (!s) s = std::make_unique<TileScratch<scalar_t>>(in.x.options(), tile_size.first, tile_size.second);
@@ -420,7 +440,14 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
     scalar_t* scaled = whole ? all_coef.data_ptr<scalar_t>() + i0 * m : s->b.data();
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) scaled[r * cols + c] = g[r * cols + c] * b.inv[c];
-    if (whole) return;
+    if (whole) {
+      if (grad_ref) {  // bank side: acc_ref = (g * inv_x)^T @ X
+        scalar_t* ref_scaled = all_ref_coef.data_ptr<scalar_t>() + i0 * m;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) ref_scaled[r * cols + c] = g[r * cols + c] * a.inv[r];
+      }
+      return;
+    }
     at::Tensor coef = at::from_blob(scaled, {rows, cols}, in.x.options());
     grad_x.narrow(0, i0, rows).addmm_(coef, in.ref.narrow(0, j0, cols));
     if (t.mirrored) {  // column side: acc_J += (g * inv_I)^T @ X_I
@@ -430,8 +457,13 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
     }
   });
   if (whole) at::mm_out(grad_x, all_coef, in.ref);
-  apply_normalization<scalar_t>(in.x, grad_x);
-  if (!grad_ref) return;
+  if (whole && grad_ref) {
+    at::mm_out(*grad_ref, all_ref_coef.t(), in.x);
+    normalization_backward<scalar_t>(in.ref, pb.inv_ref, pb.radial_ref, *grad_ref);
+  }
+  // acc_i = sum_j dL/dS_ij inv_j b_j = dL/d(normalized x_i) becomes dL/dx_i.
+  normalization_backward<scalar_t>(in.x, pb.inv_x, pb.radial_x, grad_x);
+  if (!grad_ref || whole) return;
 
   // The bank's gradient is a column reduction: visit bank blocks in parallel as rows, anchors as columns.
   const int64_t ref_block = anchor_block(m);
@@ -453,7 +485,7 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad_loss, const
       }
     }
   });
-  apply_normalization<scalar_t>(in.ref, *grad_ref);
+  normalization_backward<scalar_t>(in.ref, pb.inv_ref, pb.radial_ref, *grad_ref);
 }
 
 std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cpu(
@@ -477,10 +509,44 @@ std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_backward_cpu", [&] {
     const Problem<scalar_t> pb(in, mode, gamma, margin);
-    backward_impl<scalar_t>(pb, grad_c.data_ptr<scalar_t>(), valid_c.data_ptr<bool>(), neg_c.data_ptr<scalar_t>(),
+    backward_impl<scalar_t>(pb, whole_dots(in), grad_c.data_ptr<scalar_t>(), valid_c.data_ptr<bool>(), neg_c.data_ptr<scalar_t>(),
                             pos_c.data_ptr<scalar_t>(), grad_x, want_ref ? &grad_ref : nullptr);
   });
   return {grad_x, grad_ref};
+}
+
+// The mean (over valid anchors) or sum of the loss, and its gradients, in one call: a
+// single-tile problem computes its dot products once for both directions (two GEMMs of
+// N*M*D instead of three); a larger one runs the forward and the backward passes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_with_grad_cpu(
+    const at::Tensor& x, const at::Tensor& labels, const c10::optional<at::Tensor>& modalities,
+    const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& ref_labels,
+    const c10::optional<at::Tensor>& ref_modalities, double gamma, double margin, int64_t mode, bool mean,
+    bool ref_requires_grad) {
+  const UnifiedInputs in = check_unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
+  const int64_t n = in.x.size(0);
+  AnchorOutputs out(in.x);
+  at::Tensor total = at::empty({}, in.x.options());
+  at::Tensor grad_x = at::empty_like(in.x);
+  const bool want_ref = !in.self_ref && ref_requires_grad;
+  at::Tensor grad_ref = want_ref ? at::empty_like(in.ref) : at::empty({0, in.x.size(1)}, in.x.options());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_with_grad_cpu", [&] {
+    const Problem<scalar_t> pb(in, mode, gamma, margin);
+    const at::Tensor all_dots = whole_dots(in);
+    forward_impl<scalar_t>(pb, all_dots, out);
+    const scalar_t* loss_data = out.loss.data_ptr<scalar_t>();
+    const bool* valid_data = out.valid.data_ptr<bool>();
+    scalar_t sum = 0;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) sum += loss_data[i], count += valid_data[i];
+    const scalar_t scale = mean ? scalar_t(1) / scalar_t(std::max<int64_t>(count, 1)) : scalar_t(1);
+    total.fill_(sum * scale);
+    const std::vector<scalar_t> grad_loss(n, scale);
+    backward_impl<scalar_t>(pb, all_dots, grad_loss.data(), valid_data, out.lse_neg.data_ptr<scalar_t>(),
+                            out.lse_pos.data_ptr<scalar_t>(), grad_x, want_ref ? &grad_ref : nullptr);
+  });
+  return {total, grad_x, grad_ref};
 }
 
 }  // namespace
@@ -488,6 +554,7 @@ std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cpu(
 TORCH_LIBRARY_IMPL(reid_ext, CPU, m) {
   m.impl("unified_triplet_loss", &unified_triplet_loss_cpu);
   m.impl("_unified_triplet_loss_backward", &unified_triplet_loss_backward_cpu);
+  m.impl("_unified_triplet_loss_with_grad", &unified_triplet_loss_with_grad_cpu);
 }
 
 }  // namespace cpu
