@@ -1,4 +1,6 @@
 """Global mining under torch.distributed: two gloo ranks on CPU against one process on the whole batch."""
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -48,37 +50,47 @@ def single_process(name):
     return loss.detach(), [p.grad for p in model.parameters()], classifier.weight.grad
 
 
+def check_rank(rank, name, loss_fn):
+    """This rank's loss and gradients under DDP and global mining against one process on the whole batch."""
+    inputs, labels, modalities = global_batch()
+    own = slice(rank * ROWS, (rank + 1) * ROWS)
+    model = DistributedDataParallel(make_model())
+    torch.manual_seed(2)
+    classifier = reid_ext.losses.CosineSoftmaxLoss(CLASSES, DIM, scale=8.0, dtype=torch.float64)
+    emb = model(inputs[own])
+    emb.retain_grad()
+    emb_all, labels_all, modalities_all = reid_ext.gather_batch(emb, labels[own], modalities[own])
+    assert torch.equal(labels_all, labels) and torch.equal(modalities_all, modalities)
+    loss = loss_fn(emb_all, labels_all, modalities_all, classifier)
+    loss.backward()
+
+    expected_loss, expected_grads, expected_weight_grad = single_process(name)
+    torch.testing.assert_close(loss.detach(), expected_loss, msg=name)
+    for got, expected in zip(model.parameters(), expected_grads):  # after DDP's average over ranks
+        torch.testing.assert_close(got.grad, expected, msg=name)
+    if name == "cosine_softmax":  # not under DDP: the full gradient on every rank
+        torch.testing.assert_close(classifier.weight.grad, expected_weight_grad, msg=name)
+    # This rank's rows receive the gradient of sum over ranks of the (identical) losses.
+    inputs_leaf = inputs.clone().requires_grad_(True)
+    single = make_model()
+    torch.manual_seed(2)
+    single_classifier = reid_ext.losses.CosineSoftmaxLoss(CLASSES, DIM, scale=8.0, dtype=torch.float64)
+    emb_single = single(inputs_leaf)
+    emb_single.retain_grad()
+    loss_fn(emb_single, labels, modalities, single_classifier).backward()
+    torch.testing.assert_close(emb.grad, WORLD * emb_single.grad[own], msg=name)
+
+
 def worker(rank, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        inputs, labels, modalities = global_batch()
-        own = slice(rank * ROWS, (rank + 1) * ROWS)
         for name, loss_fn in losses().items():
-            model = DistributedDataParallel(make_model())
-            torch.manual_seed(2)
-            classifier = reid_ext.losses.CosineSoftmaxLoss(CLASSES, DIM, scale=8.0, dtype=torch.float64)
-            emb = model(inputs[own])
-            emb.retain_grad()
-            emb_all, labels_all, modalities_all = reid_ext.gather_batch(emb, labels[own], modalities[own])
-            assert torch.equal(labels_all, labels) and torch.equal(modalities_all, modalities)
-            loss = loss_fn(emb_all, labels_all, modalities_all, classifier)
-            loss.backward()
-
-            expected_loss, expected_grads, expected_weight_grad = single_process(name)
-            torch.testing.assert_close(loss.detach(), expected_loss, msg=name)
-            for got, expected in zip(model.parameters(), expected_grads):  # after DDP's average over ranks
-                torch.testing.assert_close(got.grad, expected, msg=name)
-            if name == "cosine_softmax":  # not under DDP: the full gradient on every rank
-                torch.testing.assert_close(classifier.weight.grad, expected_weight_grad, msg=name)
-            # This rank's rows receive the gradient of sum over ranks of the (identical) losses.
-            inputs_leaf = inputs.clone().requires_grad_(True)
-            single = make_model()
-            torch.manual_seed(2)
-            single_classifier = reid_ext.losses.CosineSoftmaxLoss(CLASSES, DIM, scale=8.0, dtype=torch.float64)
-            emb_single = single(inputs_leaf)
-            emb_single.retain_grad()
-            loss_fn(emb_single, labels, modalities, single_classifier).backward()
-            torch.testing.assert_close(emb.grad, WORLD * emb_single.grad[own], msg=name)
+            check_rank(rank, name, loss_fn)
+        # Teardown in order: DDP's reducers (kept alive by reference cycles) are freed while the process group
+        # still runs, and no rank destroys the group while the other still communicates; a reducer or gloo
+        # thread left for interpreter shutdown can abort the process.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
