@@ -202,12 +202,18 @@ torch.library.register_autograd(
 
 # Problems up to this many pairs (with at most 256 references) are one tile of the CPU kernel.
 _SINGLE_TILE_PAIRS = 256 * 256
+# Banks up to this size are visited in panels of whole rows of S (at least 32 rows, 2^22 pairs at most).
+_PANEL_BANK = (1 << 22) // 32
 
 
 def _with_grad_pays(x: Tensor, ref: Optional[Tensor], reduction: str) -> bool:
-    """Whether the unified loss takes its one-op path (see _grad_in_forward)."""
+    """Whether the unified loss takes its one-op path (see _grad_in_forward): a single tile, or a
+    bank whose panels of whole rows of S give the loss and dL/dS at once."""
+    if not _grad_in_forward(x, reduction, ref):
+        return False
     m = x.size(0) if ref is None else ref.size(0)
-    return _grad_in_forward(x, reduction, ref) and m <= 256 and x.size(0) * m <= _SINGLE_TILE_PAIRS
+    single_tile = m <= 256 and x.size(0) * m <= _SINGLE_TILE_PAIRS
+    return single_tile or (ref is not None and m <= _PANEL_BANK)
 
 
 @torch.library.register_fake("reid_ext::_unified_triplet_loss_with_grad")

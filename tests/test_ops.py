@@ -157,10 +157,13 @@ def _two_pass(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mar
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mean", [False, True])
-@pytest.mark.parametrize("shape", [(45, None), (131, None), (300, None), (40, 200), (40, 300)])
+@pytest.mark.parametrize(
+    "shape", [(45, None), (131, None), (300, None), (40, 200), (40, 300), (600, 300), (300, 20000), (4, 131073)])
 def test_unified_with_grad_matches_two_pass(mode, mean, shape, gen):
-    """The CPU op that returns the loss with its gradient (one tile for both directions when
-    the problem fits, else a forward and a backward pass) equals the two ops."""
+    """The CPU op that returns the loss with its gradient (one tile for both directions when the
+    problem fits; panels of whole rows against a bank: 40 rows at M=300, 256 + 256 + 88 rows at
+    M=300, 209 + 91 rows at M=20000 (2^22 pairs at most); else a forward and a backward pass, as
+    for a bank over 131072) equals the two ops."""
     n, m = shape
     x, labels, modalities = unified_case(n, 12, gen, "cpu", "pk", mode, requires_grad=False)
     ref = ref_labels = ref_modalities = None
@@ -174,6 +177,10 @@ def test_unified_with_grad_matches_two_pass(mode, mean, shape, gen):
     torch.testing.assert_close(loss, expected[0])
     torch.testing.assert_close(grad_x, expected[1])
     torch.testing.assert_close(grad_ref, expected[2])
+    if ref is not None:  # a detached bank gets no gradient, and the anchors the same one
+        _, grad_x_only, no_grad_ref = torch.ops.reid_ext._unified_triplet_loss_with_grad(*args, mean, False)
+        torch.testing.assert_close(grad_x_only, expected[1])
+        assert no_grad_ref.shape == (0, x.size(1))
     # and both equal the reference (131 anchors: the odd split of the mirrored dot products)
     kwargs = dict(gamma=6.0, margin=0.2, modalities=modalities, mode=mode, ref=ref, ref_labels=ref_labels,
                   ref_modalities=ref_modalities, reduction="mean" if mean else "sum")
@@ -196,6 +203,10 @@ def test_unified_path_choice(gen):
     assert "with_grad" not in node(reduction="none")
     big, big_labels, _ = unified_case(300, 8, gen, "cpu", "pk", "all")
     assert "with_grad" not in type(reid_ext.unified_triplet_loss(big, big_labels).grad_fn).__name__
+    for bank_size, panels in [(4096, True), (131072, True), (131073, False)]:  # panels of >= 32 whole rows
+        bank = features(bank_size, 8, gen, "cpu", requires_grad=False)
+        bank_labels = torch.randint(0, 16, (bank_size,), generator=gen)
+        assert ("with_grad" in node(ref=bank, ref_labels=bank_labels)) == panels
     with torch.no_grad():
         assert node() is None
 
@@ -286,6 +297,8 @@ def _opcheck_cases(device):
     mods = (torch.arange(12) % 2).to(device)
     ref_labels = (torch.arange(9) % 4).to(device)
     ref_mods = (torch.arange(9) % 2).to(device)
+    bank = torch.randn(300, 6, generator=gen, dtype=dtype).to(device).requires_grad_(True)
+    bank_labels, bank_mods = (torch.arange(300) % 4).to(device), (torch.arange(300) % 2).to(device)
     ops = torch.ops.reid_ext
     loss, valid, lse_neg, lse_pos = ops.unified_triplet_loss(x.detach(), labels, mods, y.detach(), ref_labels,
                                                              ref_mods, 4.0, 0.25, 1)
@@ -303,6 +316,8 @@ def _opcheck_cases(device):
         (ops._unified_triplet_loss_with_grad.default, (x, labels, None, None, None, None, 4.0, 0.25, 0, True, False)),
         (ops._unified_triplet_loss_with_grad.default,
          (x, labels, mods, y, ref_labels, ref_mods, 4.0, 0.25, 1, False, True)),
+        (ops._unified_triplet_loss_with_grad.default,  # a bank of 300: one panel
+         (x, labels, mods, bank, bank_labels, bank_mods, 4.0, 0.25, 1, True, True)),
     ] if device == "cpu" else [])
 
 
