@@ -467,7 +467,7 @@ def cosine_softmax_loss(
         Tensor[] or Tensor[N] with reduction="none".
     """
     _checks.check_cosine_softmax(x, weight, labels, scale, label_smoothing, reduction)
-    if _grad_in_forward(x, reduction, weight) and x.size(0) * weight.size(0) <= _WHOLE_LOGITS:
+    if _grad_in_forward(x, reduction, weight) and weight.size(0) <= _CHUNK_CLASSES:
         loss, _, _ = torch.ops.reid_ext._cosine_softmax_loss_with_grad.default(
             x, weight, labels, float(scale), float(margin), float(label_smoothing), reduction == "mean",
             x.requires_grad, weight.requires_grad,
@@ -519,8 +519,9 @@ torch.library.register_autograd(
 )
 
 
-# Problems up to this many logits are one tile of the CPU kernel.
-_WHOLE_LOGITS = 1 << 19
+# Up to this many classes, the CPU kernel's chunks of logits are whole rows: each gives its
+# anchors' loss and dL/dz at once (see _grad_in_forward).
+_CHUNK_CLASSES = 4096
 
 
 @torch.library.register_fake("reid_ext::_cosine_softmax_loss_with_grad")

@@ -329,8 +329,9 @@ def test_cosine_softmax_chunks(shape, reduction, gen):
 @pytest.mark.parametrize("mean", [False, True])
 @pytest.mark.parametrize("wants", [(True, True), (True, False), (False, True)])
 def test_cosine_softmax_with_grad_matches_two_ops(shape, mean, wants, gen):
-    """The CPU op that returns the reduced loss with its gradients (one chunk of dot products for
-    both directions when the problem fits) equals the forward and backward ops."""
+    """The CPU op that returns the reduced loss with its gradients (each chunk's dot products for
+    both directions when chunks are whole rows: one chunk at 37 x 300, chunks of 131 and 9 anchors
+    at 140 x 4000; else the two passes, as for C > 4096) equals the forward and backward ops."""
     n, num_classes = shape
     x = features(n, 6, gen, "cpu", requires_grad=False)
     weight = features(num_classes, 6, gen, "cpu", requires_grad=False)
@@ -346,6 +347,21 @@ def test_cosine_softmax_with_grad_matches_two_ops(shape, mean, wants, gen):
     torch.testing.assert_close(grad_w, expected_w)
     if wants[1]:
         assert grad_w.shape == weight.shape and (n > 0 or (grad_w == 0).all())
+
+
+def test_cosine_softmax_path_choice(gen):
+    """The one-op path is taken for a CPU scalar reduction under grad with at most 4096 classes."""
+    x = features(8, 6, gen, "cpu")
+    labels = torch.arange(8)
+
+    def node(num_classes, **kwargs):
+        loss = reid_ext.cosine_softmax_loss(x, features(num_classes, 6, gen, "cpu"), labels, **kwargs)
+        return type(loss.grad_fn).__name__
+
+    assert "with_grad" in node(4096)
+    assert "with_grad" in node(4096, reduction="sum")
+    assert "with_grad" not in node(4096, reduction="none")
+    assert "with_grad" not in node(4097)
 
 
 def test_cosine_softmax_gradcheck(gen):

@@ -5,8 +5,9 @@
 // gives a chunk's dot products, vectorized row loops (anchors in parallel) fold
 // them into per-anchor online log-sum-exps (forward) or turn them into dL/dz
 // (backward), and one GEMM per gradient multiplies each chunk back, in a fixed
-// order (deterministic). A problem of one chunk keeps its dot products for both
-// directions in _cosine_softmax_loss_with_grad.
+// order (deterministic). When the chunks are whole rows, _cosine_softmax_loss_with_grad
+// turns each chunk's logits into its anchors' loss and dL/dz at once, so that its dot
+// products serve both directions.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -55,11 +56,9 @@ inline bool single_chunk(int64_t n, int64_t num_classes) {
   return num_classes <= kChunkClasses && n * num_classes <= kChunkLogits;
 }
 
-// The dot products of a chunk: from `whole` (the single chunk's, computed once) when defined, else by a GEMM.
+// The dot products of a chunk, by a GEMM into scratch.
 template <typename scalar_t>
-const scalar_t* chunk_dots(const at::Tensor& x, const at::Tensor& weight, const Chunk& ch, const at::Tensor& whole,
-                           at::Tensor& scratch) {
-  if (whole.defined()) return whole.data_ptr<scalar_t>();
+const scalar_t* chunk_dots(const at::Tensor& x, const at::Tensor& weight, const Chunk& ch, at::Tensor& scratch) {
   if (!scratch.defined()) scratch = at::empty({ch.rows * ch.cols}, x.options());  // the first chunk is the largest
   at::Tensor dots = scratch.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols});
   at::mm_out(dots, x.narrow(0, ch.i0, ch.rows), weight.narrow(0, ch.j0, ch.cols).t());
@@ -155,16 +154,29 @@ struct Problem {
   const at::Tensor &x, &weight;
   Logits<scalar_t> lg;
   family::RowNorms<scalar_t> nx, nw;
-  // The dot products of a single-chunk problem, shared by both directions; undefined otherwise.
-  at::Tensor whole;
 
   Problem(const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& labels, double scale, double margin,
           double smoothing)
       : x(x_), weight(weight_),
         lg{labels.data_ptr<int64_t>(), scalar_t(scale), scalar_t(margin), scalar_t(smoothing), weight_.size(0)},
-        nx(x_), nw(weight_),
-        whole(single_chunk(x_.size(0), weight_.size(0)) ? at::mm(x_, weight_.t()) : at::Tensor()) {}
+        nx(x_), nw(weight_) {}
 };
+
+// Folds the logits of anchor i against the chunk's classes (written to z) into fold.
+template <typename scalar_t>
+REID_EXT_ALWAYS_INLINE void fold_anchor(const Problem<scalar_t>& pb, const scalar_t* dots_row, const Chunk& ch,
+                                        int64_t i, scalar_t* z, AnchorFold<scalar_t>& fold) {
+  const int64_t target = pb.lg.labels[i] - ch.j0;
+  row_logits(dots_row, ch.cols, target, pb.nx.inv[i], pb.nw.inv.data() + ch.j0, pb.lg.scale, pb.lg.margin, z);
+  fold_logits(z, ch.cols, fold.lse, fold.logit_sum);
+  if (target >= 0 && target < ch.cols) fold.target = z[target];
+}
+
+template <typename scalar_t>
+REID_EXT_ALWAYS_INLINE scalar_t anchor_loss(const Problem<scalar_t>& pb, const AnchorFold<scalar_t>& fold,
+                                            scalar_t lse) {
+  return smoothed_cross_entropy(lse, fold.target, fold.logit_sum, pb.lg.smoothing, pb.lg.num_classes);
+}
 
 template <typename scalar_t>
 void forward_impl(const Problem<scalar_t>& pb, at::Tensor& loss, at::Tensor& lse) {
@@ -172,24 +184,17 @@ void forward_impl(const Problem<scalar_t>& pb, at::Tensor& loss, at::Tensor& lse
   std::vector<AnchorFold<scalar_t>> folds(n);
   at::Tensor scratch;
   for_each_chunk(n, num_classes, [&](const Chunk& ch) {
-    const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, pb.whole, scratch);
+    const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, scratch);
     at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> z(ch.cols);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t i = ch.i0 + r, target = pb.lg.labels[i] - ch.j0;
-        AnchorFold<scalar_t>& fold = folds[i];
-        row_logits(dots + r * ch.cols, ch.cols, target, pb.nx.inv[i], pb.nw.inv.data() + ch.j0, pb.lg.scale,
-                   pb.lg.margin, z.data());
-        fold_logits(z.data(), ch.cols, fold.lse, fold.logit_sum);
-        if (target >= 0 && target < ch.cols) fold.target = z[target];
-      }
+      for (int64_t r = begin; r < end; ++r) fold_anchor(pb, dots + r * ch.cols, ch, ch.i0 + r, z.data(), folds[ch.i0 + r]);
     });
   });
   scalar_t* loss_out = loss.data_ptr<scalar_t>();
   scalar_t* lse_out = lse.data_ptr<scalar_t>();
   for (int64_t i = 0; i < n; ++i) {
     lse_out[i] = folds[i].lse.value();
-    loss_out[i] = smoothed_cross_entropy(lse_out[i], folds[i].target, folds[i].logit_sum, pb.lg.smoothing, num_classes);
+    loss_out[i] = anchor_loss(pb, folds[i], lse_out[i]);
   }
 }
 
@@ -201,7 +206,7 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad, const scal
                    at::Tensor* grad_w) {
   const int64_t n = pb.x.size(0), num_classes = pb.weight.size(0);
   // A single chunk writes each gradient once; accumulation across chunks (or none) needs zeros.
-  const bool overwrite = pb.whole.defined() && n > 0;
+  const bool overwrite = single_chunk(n, num_classes) && n > 0;
   if (grad_x && !overwrite) grad_x->zero_();
   if (grad_w && !overwrite) grad_w->zero_();
   at::Tensor scratch;
@@ -209,7 +214,7 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad, const scal
   at::Tensor coef_x = grad_x ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
   at::Tensor coef_w = grad_w ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
   for_each_chunk(n, num_classes, [&](const Chunk& ch) {
-    const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, pb.whole, scratch);
+    const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, scratch);
     scalar_t* cx = grad_x ? coef_x.data_ptr<scalar_t>() : nullptr;
     scalar_t* cw = grad_w ? coef_w.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
@@ -240,6 +245,51 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad, const scal
       } else {
         out.addmm_(c.t(), x_rows);
       }
+    }
+  });
+  if (grad_x) normalization_backward<scalar_t>(pb.x, pb.nx.inv, pb.nx.radial, *grad_x);
+  if (grad_w) normalization_backward<scalar_t>(pb.weight, pb.nw.inv, pb.nw.radial, *grad_w);
+}
+
+// Loss, log-sum-exps and gradients (dL/dloss_i = factor) when the chunks are whole rows
+// (C <= kChunkClasses): a chunk's logits give its anchors' loss and dL/dz at once, so its dot
+// products serve both directions: three GEMMs of N*C*D, as eager PyTorch, instead of four.
+template <typename scalar_t>
+void fused_impl(const Problem<scalar_t>& pb, scalar_t factor, at::Tensor& loss, at::Tensor& lse, at::Tensor* grad_x,
+                at::Tensor* grad_w) {
+  const int64_t n = pb.x.size(0), num_classes = pb.weight.size(0);
+  TORCH_CHECK(num_classes <= kChunkClasses, "fused_impl needs chunks of whole rows");
+  if (grad_w) grad_w->zero_();  // accumulated over the chunks; grad_x gets whole rows
+  const auto [max_rows, max_cols] = chunk_shape(n, num_classes);
+  at::Tensor scratch;
+  at::Tensor coef_x = grad_x ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
+  at::Tensor coef_w = grad_w ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
+  scalar_t* loss_out = loss.data_ptr<scalar_t>();
+  scalar_t* lse_out = lse.data_ptr<scalar_t>();
+  for_each_chunk(n, num_classes, [&](const Chunk& ch) {
+    const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, scratch);
+    scalar_t* cx = grad_x ? coef_x.data_ptr<scalar_t>() : nullptr;
+    scalar_t* cw = grad_w ? coef_w.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> z(ch.cols);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t i = ch.i0 + r;
+        AnchorFold<scalar_t> fold;
+        fold_anchor(pb, dots + r * ch.cols, ch, i, z.data(), fold);
+        lse_out[i] = fold.lse.value();
+        loss_out[i] = anchor_loss(pb, fold, lse_out[i]);
+        row_coefficients(z.data(), ch.cols, pb.lg.labels[i], lse_out[i], factor * pb.lg.scale, pb.lg.smoothing,
+                         num_classes, pb.nx.inv[i], pb.nw.inv.data(), cx ? cx + r * ch.cols : nullptr,
+                         cw ? cw + r * ch.cols : nullptr);
+      }
+    });
+    if (grad_x) {
+      at::Tensor out = grad_x->narrow(0, ch.i0, ch.rows);
+      at::mm_out(out, coef_x.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols}), pb.weight);
+    }
+    if (grad_w) {
+      grad_w->addmm_(coef_w.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols}).t(),
+                     pb.x.narrow(0, ch.i0, ch.rows));
     }
   });
   if (grad_x) normalization_backward<scalar_t>(pb.x, pb.nx.inv, pb.nx.radial, *grad_x);
@@ -287,9 +337,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cpu(
   return {grad_x, grad_w};
 }
 
-// The mean (over the N anchors) or sum of the loss, with its gradients, in one call: a
-// single-chunk problem computes its dot products once for both directions (three GEMMs of
-// N*C*D, as eager PyTorch, instead of four); a larger one runs the forward and the backward.
+// The mean (over the N anchors) or sum of the loss, with its gradients, in one call: fused_impl
+// when the chunks are whole rows, else the forward and the backward passes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_loss_with_grad_cpu(
     const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels_in, double scale, double margin,
     double label_smoothing, bool mean, bool x_requires_grad, bool weight_requires_grad) {
@@ -306,15 +355,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_loss_with_grad_cpu
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_softmax_loss_with_grad_cpu", [&] {
     const Problem<scalar_t> pb(x, weight, labels, scale, margin, label_smoothing);
-    forward_impl<scalar_t>(pb, loss, lse);
+    const scalar_t factor = mean ? scalar_t(1) / scalar_t(std::max<int64_t>(n, 1)) : scalar_t(1);
+    at::Tensor* gx = x_requires_grad ? &grad_x : nullptr;
+    at::Tensor* gw = weight_requires_grad ? &grad_w : nullptr;
+    if (weight.size(0) <= kChunkClasses) {
+      fused_impl<scalar_t>(pb, factor, loss, lse, gx, gw);
+    } else {
+      forward_impl<scalar_t>(pb, loss, lse);
+      const std::vector<scalar_t> grad(n, factor);
+      backward_impl<scalar_t>(pb, grad.data(), lse.data_ptr<scalar_t>(), gx, gw);
+    }
     const scalar_t* loss_data = loss.data_ptr<scalar_t>();
     scalar_t sum = 0;
     for (int64_t i = 0; i < n; ++i) sum += loss_data[i];
-    const scalar_t factor = mean ? scalar_t(1) / scalar_t(std::max<int64_t>(n, 1)) : scalar_t(1);
     total.fill_(sum * factor);
-    const std::vector<scalar_t> grad(n, factor);
-    backward_impl<scalar_t>(pb, grad.data(), lse.data_ptr<scalar_t>(), x_requires_grad ? &grad_x : nullptr,
-                            weight_requires_grad ? &grad_w : nullptr);
   });
   return {total, grad_x, grad_w};
 }
