@@ -200,8 +200,8 @@ torch.library.register_autograd(
     "reid_ext::unified_triplet_loss", _unified_backward, setup_context=_unified_setup
 )
 
-# Problems up to this many pairs (with at most 256 references) are one tile of the CPU kernel.
-_SINGLE_TILE_PAIRS = 256 * 256
+# Problems up to this many pairs (with at most 512 references) are one tile of the CPU kernel.
+_SINGLE_TILE_PAIRS = 512 * 512
 # Banks up to this size are visited in panels of whole rows of S (at least 32 rows, 2^22 pairs at most).
 _PANEL_BANK = (1 << 22) // 32
 
@@ -212,7 +212,7 @@ def _with_grad_pays(x: Tensor, ref: Optional[Tensor], reduction: str) -> bool:
     if not _grad_in_forward(x, reduction, ref):
         return False
     m = x.size(0) if ref is None else ref.size(0)
-    single_tile = m <= 256 and x.size(0) * m <= _SINGLE_TILE_PAIRS
+    single_tile = m <= 512 and x.size(0) * m <= _SINGLE_TILE_PAIRS
     return single_tile or (ref is not None and m <= _PANEL_BANK)
 
 

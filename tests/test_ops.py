@@ -108,7 +108,8 @@ def test_unified_reference_bank(device, mode, ref_requires_grad, reduction, gen)
 
 @pytest.mark.parametrize("mode", MODES)
 def test_unified_large_batch(mode, gen):
-    """From 1024 anchors the CPU kernel visits each symmetric block pair once: same results."""
+    """Beyond a single tile (512 anchors) the CPU kernel visits each symmetric pair of 256-blocks
+    once (here 5 blocks, the last of 76 rows): same results."""
     x, labels, modalities = unified_case(1100, 8, gen, "cpu", "singletons", mode)
     with torch.no_grad():
         x[700] = 0.0
@@ -158,12 +159,13 @@ def _two_pass(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mar
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("mean", [False, True])
 @pytest.mark.parametrize(
-    "shape", [(45, None), (131, None), (300, None), (40, 200), (40, 300), (600, 300), (300, 20000), (4, 131073)])
+    "shape", [(45, None), (131, None), (300, None), (600, None), (40, 200), (500, 300), (1000, 300), (300, 20000),
+              (4, 131073)])
 def test_unified_with_grad_matches_two_pass(mode, mean, shape, gen):
-    """The CPU op that returns the loss with its gradient (one tile for both directions when the
-    problem fits; panels of whole rows against a bank: 40 rows at M=300, 256 + 256 + 88 rows at
-    M=300, 209 + 91 rows at M=20000 (2^22 pairs at most); else a forward and a backward pass, as
-    for a bank over 131072) equals the two ops."""
+    """The CPU op that returns the loss with its gradient equals the two ops: one tile for both
+    directions when the problem fits (up to 512 x 512 pairs); panels of whole rows against a bank
+    (256 + 256 + 256 + 232 rows at M=300, 209 + 91 rows at M=20000: 2^22 pairs at most); else a
+    forward and a backward pass (600 anchors against themselves; a bank over 131072)."""
     n, m = shape
     x, labels, modalities = unified_case(n, 12, gen, "cpu", "pk", mode, requires_grad=False)
     ref = ref_labels = ref_modalities = None
@@ -201,7 +203,9 @@ def test_unified_path_choice(gen):
     assert "with_grad" in node()
     assert "with_grad" in node(reduction="sum")
     assert "with_grad" not in node(reduction="none")
-    big, big_labels, _ = unified_case(300, 8, gen, "cpu", "pk", "all")
+    assert "with_grad" in type(reid_ext.unified_triplet_loss(*unified_case(512, 8, gen, "cpu", "pk", "all")[:2])
+                               .grad_fn).__name__
+    big, big_labels, _ = unified_case(513, 8, gen, "cpu", "pk", "all")
     assert "with_grad" not in type(reid_ext.unified_triplet_loss(big, big_labels).grad_fn).__name__
     for bank_size, panels in [(4096, True), (131072, True), (131073, False)]:  # panels of >= 32 whole rows
         bank = features(bank_size, 8, gen, "cpu", requires_grad=False)

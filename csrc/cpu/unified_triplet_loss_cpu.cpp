@@ -18,12 +18,13 @@ namespace {
 
 constexpr double kNormEps = 1e-12;
 constexpr int64_t kBankTile = 256;  // references per tile against a bank
-// A problem of at most this many pairs (with M <= kBankTile) is a single tile: its dot products,
-// and its gradient product, are one multi-threaded GEMM each instead of one per anchor block,
-// each of which would repack the whole reference set.
-constexpr int64_t kSingleTilePairs = 256 * 256;
+// A problem of at most kSingleTileRefs references and kSingleTilePairs pairs is a single tile:
+// its dot products (1 MiB in float32 at most), and its gradient product, are one multi-threaded
+// GEMM each instead of one per anchor block, each of which would repack the whole reference set.
+constexpr int64_t kSingleTileRefs = 512;
+constexpr int64_t kSingleTilePairs = 512 * 512;
 
-inline bool single_tile(int64_t n, int64_t m) { return m <= kBankTile && n * m <= kSingleTilePairs; }
+inline bool single_tile(int64_t n, int64_t m) { return m <= kSingleTileRefs && n * m <= kSingleTilePairs; }
 // From this batch size on, a single tile of the batch against itself computes half of its
 // symmetric dot products by mirroring (below it, two smaller GEMMs cost more than they save).
 constexpr int64_t kHalfDotsFrom = 128;
@@ -272,16 +273,17 @@ struct Tile {
 
 constexpr int64_t kNoSelfPairs = std::numeric_limits<int64_t>::max();
 
-// From this batch size on, the batch against itself visits each block pair once
-// (half the dot products); below it, fewer and larger BLAS calls are faster.
-constexpr int64_t kSymmetricFrom = 1024;
+// Beyond a single tile, the batch against itself visits each pair of blocks once (half the dot
+// products); blocks of 256 keep each BLAS call large enough to be efficient.
+constexpr int64_t kSymmetricBlock = 256;
 
 // Calls visit(tile) for every tile the anchors need. Two calls may run at once
 // only if they write to disjoint anchors: rows, and the columns of mirrored tiles.
+// A single tile (whole_dots) is visited as anchor blocks of whole rows.
 template <typename F>
 void for_each_tile(int64_t n, int64_t m, bool self_ref, const F& visit) {
-  if (self_ref && n >= kSymmetricFrom) {
-    const int64_t block = 128, nb = (n + block - 1) / block;
+  if (self_ref && !single_tile(n, m)) {
+    const int64_t block = kSymmetricBlock, nb = (n + block - 1) / block;
     for (const auto& round : tile_pair_rounds(nb)) {
       parallel_over(static_cast<int64_t>(round.size()), [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
@@ -296,16 +298,18 @@ void for_each_tile(int64_t n, int64_t m, bool self_ref, const F& visit) {
   parallel_over((n + block - 1) / block, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t i0 = b * block, rows = std::min(block, n - i0);
-      for (int64_t j0 = 0; j0 < m; j0 += kBankTile) {
-        visit(Tile{i0, rows, j0, std::min(kBankTile, m - j0), false, self_ref ? j0 - i0 : kNoSelfPairs});
+      const int64_t cols = single_tile(n, m) ? m : kBankTile;
+      for (int64_t j0 = 0; j0 < m; j0 += cols) {
+        visit(Tile{i0, rows, j0, std::min(cols, m - j0), false, self_ref ? j0 - i0 : kNoSelfPairs});
       }
     }
   });
 }
 
 // Largest tile for_each_tile visits.
-inline std::pair<int64_t, int64_t> max_tile(int64_t n, bool self_ref) {
-  if (self_ref && n >= kSymmetricFrom) return {128, 128};
+inline std::pair<int64_t, int64_t> max_tile(int64_t n, int64_t m, bool self_ref) {
+  if (single_tile(n, m)) return {anchor_block(n), m};
+  if (self_ref) return {kSymmetricBlock, kSymmetricBlock};
   return {anchor_block(n), kBankTile};
 }
 
@@ -371,7 +375,7 @@ template <typename scalar_t>
 void forward_impl(const Problem<scalar_t>& pb, const at::Tensor& all_dots, AnchorOutputs& out) {
   const UnifiedInputs& in = pb.in;
   const int64_t n = in.x.size(0), m = in.ref.size(0);
-  const auto tile_size = max_tile(n, in.self_ref);
+  const auto tile_size = max_tile(n, m, in.self_ref);
   Stats<scalar_t> st(n);
   // One scratch per worker thread, indexed by the thread that runs the tile.
   std::vector<std::unique_ptr<TileScratch<scalar_t>>> scratch(at::get_num_threads());
@@ -425,7 +429,7 @@ void backward_impl(const Problem<scalar_t>& pb, const at::Tensor& all_dots, cons
   auto anchor_grad = [&](int64_t first) {
     return AnchorGrad<scalar_t>{weight.data() + first, shift_neg.data() + first, shift_pos.data() + first};
   };
-  const auto tile_size = max_tile(n, in.self_ref);
+  const auto tile_size = max_tile(n, m, in.self_ref);
   std::vector<std::unique_ptr<TileScratch<scalar_t>>> scratch(at::get_num_threads());
   const bool whole = all_dots.defined();
   if (!whole) grad_x.zero_();
