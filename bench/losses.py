@@ -645,7 +645,7 @@ def parse_args(argv=None):
                         help="comma-separated names or prefixes, e.g. unified_triplet_loss for its three "
                              "variants (default: all)")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of %(default)s")
-    parser.add_argument("--n", type=_ints, help="batch sizes N (default 16,64,128,256,1024,4096)")
+    parser.add_argument("--n", type=_ints, help="batch sizes N (default 16,64,128,256,512,1024,4096)")
     parser.add_argument("--d", type=_ints, help="feature sizes D (default 256,2048)")
     parser.add_argument("--bank-m", type=_ints,
                         help="reference bank sizes M (default 4096,16384 on CPU; 4096,16384,65536 on CUDA)")
@@ -672,7 +672,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
-        "n": (128,) if quick else (16, 64, 128, 256, 1024, 4096),
+        "n": (128,) if quick else (16, 64, 128, 256, 512, 1024, 4096),
         "d": (256,) if quick else (256, 2048),
         "bank_m": (1024,) if quick else (4096, 16384) + ((65536,) if args.device == "cuda" else ()),
         "bank_n": 128 if quick else 1024,
