@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -743,8 +744,9 @@ def run(args) -> dict:
         "rows": [],
         "skipped": [],
     }
-    out = args.out or RESULTS / (name.replace(" ", "_").replace("/", "_") + ("-quick" if args.quick else "")
-                                 + ".json")
+    # A file name from the device name: "Intel(R) Xeon(R) Processor" -> "Intel_Xeon_Processor".
+    stem = "_".join(re.sub(r"\((R|TM)\)|[^A-Za-z0-9.-]+", " ", name).split())
+    out = args.out or RESULTS / (stem + ("-quick" if args.quick else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     cases = plan(specs, args)
     progress = tqdm(cases, unit="case", dynamic_ncols=True)
