@@ -96,8 +96,9 @@ def _register_gradient_in_forward(op: str, loss_name: str, num_inputs: int, grad
 def _grad_in_forward(x: Tensor, reduction: str, *others: Optional[Tensor]) -> bool:
     """Whether a CPU loss may compute its gradient along with its value: when it will be
     differentiated (training) and its reduction is a scalar, so that the backward only scales
-    the saved gradient. A problem of one tile then computes its dot products once for both
-    directions, one GEMM fewer than a forward and a recomputing backward."""
+    the saved gradient. A kernel that sees whole rows of the pair (or logit) matrix at once then
+    computes its dot products once for both directions, one GEMM fewer than a forward and a
+    recomputing backward."""
     if x.device.type != "cpu" or reduction == "none" or not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in (x, *others))
