@@ -71,32 +71,44 @@ struct RowNorms {
   }
 };
 
-// One worker's scratch for streaming tiles of <a_i, b_j> over a block of rows of a.
+// At most this many dot products, with b within one tile of columns, are computed at once by one
+// multi-threaded GEMM: per-block GEMMs would each re-read all of b, and small ones run slowly.
+constexpr int64_t kWholePairs = 256 * 256;
+
+// One worker's scratch for streaming tiles of <a_i, b_j> over a block of rows of a; or the
+// view of all of them (`whole`, [a.size(0), b.size(0)]) when for_each_row_block computed them at once.
 template <typename scalar_t>
 class TileStream {
  public:
-  TileStream(const at::Tensor& a, const at::Tensor& b)
-      : a_(a), b_(b), dots_(at::empty({kBlockRows * kTileCols}, a.options())) {}
+  TileStream(const at::Tensor& a, const at::Tensor& b, const at::Tensor& whole)
+      : a_(a), b_(b), whole_(whole),
+        dots_(whole.defined() ? at::Tensor() : at::empty({kBlockRows * kTileCols}, a.options())) {}
 
   // Row-major [rows, cols] dot products of a[i0, i0 + rows) with b[j0, j0 + cols).
   const scalar_t* dots(int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    if (whole_.defined()) return whole_.data_ptr<scalar_t>() + i0 * cols;  // one tile of columns: j0 = 0
     at::Tensor out = dots_.narrow(0, 0, rows * cols).view({rows, cols});
     at::mm_out(out, a_.narrow(0, i0, rows), b_.narrow(0, j0, cols).t());
     return out.data_ptr<scalar_t>();
   }
 
  private:
-  at::Tensor a_, b_, dots_;
+  at::Tensor a_, b_, whole_, dots_;
 };
 
 // body(stream, i0, rows) for every block of kBlockRows rows of a, blocks in parallel,
 // one TileStream per worker. Autograd is off in the workers: the tiles are out= ops.
 template <typename scalar_t, typename Body>
 void for_each_row_block(const at::Tensor& a, const at::Tensor& b, const Body& body) {
-  const int64_t n = a.size(0);
+  const int64_t n = a.size(0), m = b.size(0);
+  at::Tensor whole;
+  if (m <= kTileCols && n * m <= kWholePairs) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd;
+    whole = at::mm(a, b.t());
+  }
   at::parallel_for(0, (n + kBlockRows - 1) / kBlockRows, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd;
-    TileStream<scalar_t> stream(a, b);
+    TileStream<scalar_t> stream(a, b, whole);
     for (int64_t block = begin; block < end; ++block) {
       const int64_t i0 = block * kBlockRows;
       body(stream, i0, std::min(kBlockRows, n - i0));
