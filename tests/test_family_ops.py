@@ -104,10 +104,22 @@ def test_batch_hard_ties_go_to_the_lowest_index(device, metric):
     assert torch.equal(pos, ref_pos) and torch.equal(neg, ref_neg)
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_batch_hard_tiled_matches_reference(metric, gen):
+    """Beyond 256 x 256 pairs the CPU kernel streams 32-row blocks past 256-column tiles (here 10
+    blocks, tiles of 256 and 44 columns); below, one GEMM gives all dot products."""
+    x = features(300, 16, gen, "cpu")
+    labels = make_labels("pk", 300, gen)
+    kwargs = dict(metric=metric, margin=0.5, reduction="none", return_indices=True)
+    assert_same(value_and_grads(reid_ext.batch_hard_triplet_loss, [x], x, labels, **kwargs),
+                value_and_grads(reference.batch_hard_triplet_loss, [x], x, labels, **kwargs))
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
-def test_batch_hard_many_ties_match_reference(metric, gen):
-    x = torch.randint(-1, 2, (60, 3), generator=gen).double()  # few distinct rows: ties everywhere
-    labels = torch.randint(0, 6, (60,), generator=gen)
+@pytest.mark.parametrize("n", [60, 300])  # one GEMM; tiles (ties across the column tiles)
+def test_batch_hard_many_ties_match_reference(metric, n, gen):
+    x = torch.randint(-1, 2, (n, 3), generator=gen).double()  # few distinct rows: ties everywhere
+    labels = torch.randint(0, 6, (n,), generator=gen)
     _, pos, neg = reid_ext.batch_hard_triplet_loss(x, labels, metric=metric, return_indices=True)
     _, ref_pos, ref_neg = reference.batch_hard_triplet_loss(x, labels, metric=metric, return_indices=True)
     assert torch.equal(pos, ref_pos) and torch.equal(neg, ref_neg)
