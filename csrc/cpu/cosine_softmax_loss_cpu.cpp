@@ -52,6 +52,15 @@ void for_each_chunk(int64_t n, int64_t num_classes, const F& visit) {
       visit(Chunk{i0, std::min(rows, n - i0), j0, std::min(cols, num_classes - j0)});
 }
 
+// Calls row(r, z) for the rows r of a chunk, anchors in parallel, z a scratch row of logits.
+template <typename scalar_t, typename F>
+void for_each_chunk_row(const Chunk& ch, const F& row) {
+  at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> z(ch.cols);
+    for (int64_t r = begin; r < end; ++r) row(r, z.data());
+  });
+}
+
 inline bool single_chunk(int64_t n, int64_t num_classes) {
   return num_classes <= kChunkClasses && n * num_classes <= kChunkLogits;
 }
@@ -185,9 +194,8 @@ void forward_impl(const Problem<scalar_t>& pb, at::Tensor& loss, at::Tensor& lse
   at::Tensor scratch;
   for_each_chunk(n, num_classes, [&](const Chunk& ch) {
     const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, scratch);
-    at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> z(ch.cols);
-      for (int64_t r = begin; r < end; ++r) fold_anchor(pb, dots + r * ch.cols, ch, ch.i0 + r, z.data(), folds[ch.i0 + r]);
+    for_each_chunk_row<scalar_t>(ch, [&](int64_t r, scalar_t* z) {
+      fold_anchor(pb, dots + r * ch.cols, ch, ch.i0 + r, z, folds[ch.i0 + r]);
     });
   });
   scalar_t* loss_out = loss.data_ptr<scalar_t>();
@@ -198,54 +206,61 @@ void forward_impl(const Problem<scalar_t>& pb, at::Tensor& loss, at::Tensor& lse
   }
 }
 
+// Coefficient rows of the gradients, one per chunk-sized buffer (undefined when not wanted).
+template <typename scalar_t>
+struct Coefficients {
+  at::Tensor x, w;
+
+  Coefficients(const Problem<scalar_t>& pb, bool want_x, bool want_w) {
+    const auto [rows, cols] = chunk_shape(pb.x.size(0), pb.weight.size(0));
+    if (want_x) x = at::empty({rows * cols}, pb.x.options());
+    if (want_w) w = at::empty({rows * cols}, pb.x.options());
+  }
+  scalar_t* x_row(int64_t r, const Chunk& ch) const { return x.defined() ? x.data_ptr<scalar_t>() + r * ch.cols : nullptr; }
+  scalar_t* w_row(int64_t r, const Chunk& ch) const { return w.defined() ? w.data_ptr<scalar_t>() + r * ch.cols : nullptr; }
+
+  // grad_x[I] (+)= coef_x @ W[J] and grad_w[J] (+)= coef_w^T @ X[I]; a gradient that this chunk
+  // covers alone is written, not accumulated (no zero-filled pass over it first).
+  void multiply_back(const Problem<scalar_t>& pb, const Chunk& ch, at::Tensor* grad_x, bool write_x, at::Tensor* grad_w,
+                     bool write_w) const {
+    if (grad_x) {
+      const at::Tensor c = x.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols});
+      const at::Tensor w_rows = pb.weight.narrow(0, ch.j0, ch.cols);
+      at::Tensor out = grad_x->narrow(0, ch.i0, ch.rows);
+      write_x ? at::mm_out(out, c, w_rows) : out.addmm_(c, w_rows);
+    }
+    if (grad_w) {
+      const at::Tensor c = w.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols}).t();
+      const at::Tensor x_rows = pb.x.narrow(0, ch.i0, ch.rows);
+      at::Tensor out = grad_w->narrow(0, ch.j0, ch.cols);
+      write_w ? at::mm_out(out, c, x_rows) : out.addmm_(c, x_rows);
+    }
+  }
+};
+
 // grad_x and/or grad_w (either may be null): per chunk, coefficient rows in parallel, then
-// acc_x[I] += coef_x @ W[J] and acc_w[J] += coef_w^T @ X[I]; last the normalization
-// Jacobian, whose radial term is an_i . p_i (no second pass over the logits).
+// multiplied back; last the normalization Jacobian, whose radial term is an_i . p_i (no
+// second pass over the logits).
 template <typename scalar_t>
 void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad, const scalar_t* lse, at::Tensor* grad_x,
                    at::Tensor* grad_w) {
   const int64_t n = pb.x.size(0), num_classes = pb.weight.size(0);
   // A single chunk writes each gradient once; accumulation across chunks (or none) needs zeros.
-  const bool overwrite = single_chunk(n, num_classes) && n > 0;
-  if (grad_x && !overwrite) grad_x->zero_();
-  if (grad_w && !overwrite) grad_w->zero_();
+  const bool write = single_chunk(n, num_classes) && n > 0;
+  if (grad_x && !write) grad_x->zero_();
+  if (grad_w && !write) grad_w->zero_();
   at::Tensor scratch;
-  const auto [max_rows, max_cols] = chunk_shape(n, num_classes);
-  at::Tensor coef_x = grad_x ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
-  at::Tensor coef_w = grad_w ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
+  const Coefficients<scalar_t> coef(pb, grad_x != nullptr, grad_w != nullptr);
   for_each_chunk(n, num_classes, [&](const Chunk& ch) {
     const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, scratch);
-    scalar_t* cx = grad_x ? coef_x.data_ptr<scalar_t>() : nullptr;
-    scalar_t* cw = grad_w ? coef_w.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> z(ch.cols);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t i = ch.i0 + r, target = pb.lg.labels[i] - ch.j0;
-        const scalar_t* inv_w = pb.nw.inv.data() + ch.j0;
-        row_logits(dots + r * ch.cols, ch.cols, target, pb.nx.inv[i], inv_w, pb.lg.scale, pb.lg.margin, z.data());
-        row_coefficients(z.data(), ch.cols, target, lse[i], grad[i] * pb.lg.scale, pb.lg.smoothing, num_classes,
-                         pb.nx.inv[i], inv_w, cx ? cx + r * ch.cols : nullptr, cw ? cw + r * ch.cols : nullptr);
-      }
+    const scalar_t* inv_w = pb.nw.inv.data() + ch.j0;
+    for_each_chunk_row<scalar_t>(ch, [&](int64_t r, scalar_t* z) {
+      const int64_t i = ch.i0 + r, target = pb.lg.labels[i] - ch.j0;
+      row_logits(dots + r * ch.cols, ch.cols, target, pb.nx.inv[i], inv_w, pb.lg.scale, pb.lg.margin, z);
+      row_coefficients(z, ch.cols, target, lse[i], grad[i] * pb.lg.scale, pb.lg.smoothing, num_classes,
+                       pb.nx.inv[i], inv_w, coef.x_row(r, ch), coef.w_row(r, ch));
     });
-    const at::Tensor x_rows = pb.x.narrow(0, ch.i0, ch.rows), w_rows = pb.weight.narrow(0, ch.j0, ch.cols);
-    if (grad_x) {
-      const at::Tensor c = coef_x.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols});
-      at::Tensor out = grad_x->narrow(0, ch.i0, ch.rows);
-      if (overwrite) {
-        at::mm_out(out, c, w_rows);
-      } else {
-        out.addmm_(c, w_rows);
-      }
-    }
-    if (grad_w) {
-      const at::Tensor c = coef_w.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols});
-      at::Tensor out = grad_w->narrow(0, ch.j0, ch.cols);
-      if (overwrite) {
-        at::mm_out(out, c.t(), x_rows);
-      } else {
-        out.addmm_(c.t(), x_rows);
-      }
-    }
+    coef.multiply_back(pb, ch, grad_x, write, grad_w, write);
   });
   if (grad_x) normalization_backward<scalar_t>(pb.x, pb.nx.inv, pb.nx.radial, *grad_x);
   if (grad_w) normalization_backward<scalar_t>(pb.weight, pb.nw.inv, pb.nw.radial, *grad_w);
@@ -259,38 +274,25 @@ void fused_impl(const Problem<scalar_t>& pb, scalar_t factor, at::Tensor& loss, 
                 at::Tensor* grad_w) {
   const int64_t n = pb.x.size(0), num_classes = pb.weight.size(0);
   TORCH_CHECK(num_classes <= kChunkClasses, "fused_impl needs chunks of whole rows");
-  if (grad_w) grad_w->zero_();  // accumulated over the chunks; grad_x gets whole rows
-  const auto [max_rows, max_cols] = chunk_shape(n, num_classes);
+  // grad_x gets whole rows from each chunk; grad_w is summed over the chunks unless there is one.
+  const bool write_w = single_chunk(n, num_classes) && n > 0;
+  if (grad_w && !write_w) grad_w->zero_();
   at::Tensor scratch;
-  at::Tensor coef_x = grad_x ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
-  at::Tensor coef_w = grad_w ? at::empty({max_rows * max_cols}, pb.x.options()) : at::Tensor();
+  const Coefficients<scalar_t> coef(pb, grad_x != nullptr, grad_w != nullptr);
   scalar_t* loss_out = loss.data_ptr<scalar_t>();
   scalar_t* lse_out = lse.data_ptr<scalar_t>();
   for_each_chunk(n, num_classes, [&](const Chunk& ch) {
     const scalar_t* dots = chunk_dots<scalar_t>(pb.x, pb.weight, ch, scratch);
-    scalar_t* cx = grad_x ? coef_x.data_ptr<scalar_t>() : nullptr;
-    scalar_t* cw = grad_w ? coef_w.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> z(ch.cols);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t i = ch.i0 + r;
-        AnchorFold<scalar_t> fold;
-        fold_anchor(pb, dots + r * ch.cols, ch, i, z.data(), fold);
-        lse_out[i] = fold.lse.value();
-        loss_out[i] = anchor_loss(pb, fold, lse_out[i]);
-        row_coefficients(z.data(), ch.cols, pb.lg.labels[i], lse_out[i], factor * pb.lg.scale, pb.lg.smoothing,
-                         num_classes, pb.nx.inv[i], pb.nw.inv.data(), cx ? cx + r * ch.cols : nullptr,
-                         cw ? cw + r * ch.cols : nullptr);
-      }
+    for_each_chunk_row<scalar_t>(ch, [&](int64_t r, scalar_t* z) {
+      const int64_t i = ch.i0 + r;
+      AnchorFold<scalar_t> fold;
+      fold_anchor(pb, dots + r * ch.cols, ch, i, z, fold);
+      lse_out[i] = fold.lse.value();
+      loss_out[i] = anchor_loss(pb, fold, lse_out[i]);
+      row_coefficients(z, ch.cols, pb.lg.labels[i], lse_out[i], factor * pb.lg.scale, pb.lg.smoothing, num_classes,
+                       pb.nx.inv[i], pb.nw.inv.data(), coef.x_row(r, ch), coef.w_row(r, ch));
     });
-    if (grad_x) {
-      at::Tensor out = grad_x->narrow(0, ch.i0, ch.rows);
-      at::mm_out(out, coef_x.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols}), pb.weight);
-    }
-    if (grad_w) {
-      grad_w->addmm_(coef_w.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols}).t(),
-                     pb.x.narrow(0, ch.i0, ch.rows));
-    }
+    coef.multiply_back(pb, ch, grad_x, true, grad_w, write_w);
   });
   if (grad_x) normalization_backward<scalar_t>(pb.x, pb.nx.inv, pb.nx.radial, *grad_x);
   if (grad_w) normalization_backward<scalar_t>(pb.weight, pb.nw.inv, pb.nw.radial, *grad_w);
