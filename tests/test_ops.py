@@ -106,6 +106,26 @@ def test_unified_reference_bank(device, mode, ref_requires_grad, reduction, gen)
         assert loss.grad_fn is not None and not bank.requires_grad
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_unified_labels_beyond_int32(device, mode, with_bank, gen):
+    """The CPU kernel compares labels and modalities as int32 codes: values beyond int32 that
+    agree in their low 32 bits must still count as different."""
+    x, labels, modalities = unified_case(40, 8, gen, device, "pk", mode)
+    big = lambda v: v * 2**32 + 7  # every value is 7 in its low 32 bits
+    kwargs = dict(gamma=8.0, modalities=big(modalities), mode=mode, reduction="none")
+    inputs = [x]
+    if with_bank:
+        bank = features(70, 8, gen, device)
+        kwargs.update(ref=bank, ref_labels=big(torch.randint(0, 12, (70,), generator=gen).to(device)),
+                      ref_modalities=big(torch.randint(0, 2, (70,), generator=gen).to(device)))
+        inputs = [x, bank]
+    ours = value_and_grads(reid_ext.unified_triplet_loss, inputs, x, big(labels), **kwargs)
+    assert_close_all(ours, value_and_grads(reference.unified_triplet_loss, inputs, x, big(labels), **kwargs))
+    assert ours[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_unified_large_batch(mode, gen):
     """Beyond a single tile (512 anchors) the CPU kernel visits each symmetric pair of 256-blocks

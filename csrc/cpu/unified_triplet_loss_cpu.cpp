@@ -10,6 +10,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <unordered_map>
+
 #include "cpu/tiles_cpu.h"
 
 namespace reid_ext {
@@ -29,14 +32,56 @@ inline bool single_tile(int64_t n, int64_t m) { return m <= kSingleTileRefs && n
 // symmetric dot products by mirroring (below it, two smaller GEMMs cost more than they save).
 constexpr int64_t kHalfDotsFrom = 128;
 constexpr int kLanes = 16;          // independent accumulators, so row reductions vectorize
+constexpr int64_t kNoSelfPairs = std::numeric_limits<int64_t>::max();  // Tile::self_shift against a bank
 
-// One side of a tile: labels, modalities and inverse norms from row `first` on.
+// One side of a tile: label and modality codes (see Codes) and inverse norms from row `first` on.
 template <typename scalar_t>
 struct Side {
-  const int64_t* labels;
-  const int64_t* modalities;  // for mode "all", which ignores them, any array of the same length
+  const int32_t* labels;
+  const int32_t* modalities;  // for mode "all", which ignores them, any array of the same length
   const scalar_t* inv;
 };
+
+// Labels (or modalities) of the anchors and of the references as int32 codes, equal exactly
+// where the int64 values are: the element loops then compare 8 lanes per AVX2 instruction
+// instead of 4 and pack the masks. Values that fit in int32 are their own codes; otherwise
+// codes number the distinct values.
+struct Codes {
+  std::vector<int32_t> anchors, references;  // references: empty when they are the anchors
+  bool shared;
+
+  Codes(const at::Tensor& a, const at::Tensor& b, bool same) : shared(same) {
+    const int64_t* a_data = a.data_ptr<int64_t>();
+    const int64_t* b_data = b.data_ptr<int64_t>();
+    const int64_t na = a.numel(), nb = same ? 0 : b.numel();
+    const auto fits = [](const int64_t* v, int64_t n) {
+      for (int64_t i = 0; i < n; ++i)
+        if (v[i] < std::numeric_limits<int32_t>::min() || v[i] > std::numeric_limits<int32_t>::max()) return false;
+      return true;
+    };
+    anchors.resize(na);
+    references.resize(nb);
+    if (fits(a_data, na) && fits(b_data, nb)) {
+      std::copy(a_data, a_data + na, anchors.begin());
+      std::copy(b_data, b_data + nb, references.begin());
+      return;
+    }
+    std::unordered_map<int64_t, int32_t> code;
+    const auto code_of = [&](int64_t v) { return code.emplace(v, static_cast<int32_t>(code.size())).first->second; };
+    for (int64_t i = 0; i < na; ++i) anchors[i] = code_of(a_data[i]);
+    for (int64_t i = 0; i < nb; ++i) references[i] = code_of(b_data[i]);
+  }
+
+  const int32_t* reference_codes() const { return shared ? anchors.data() : references.data(); }
+};
+
+// The column c of a tile's row r where r - c == self_shift (the anchor itself), or -1; as int32,
+// so that the element loops compare it in 8 lanes.
+inline int32_t self_column(int64_t r, int64_t cols, int64_t self_shift) {
+  if (self_shift == kNoSelfPairs) return -1;
+  const int64_t c = r - self_shift;
+  return c >= 0 && c < cols ? static_cast<int32_t>(c) : -1;
+}
 
 // Per-anchor running statistics of the forward.
 template <typename scalar_t>
@@ -59,18 +104,18 @@ REID_EXT_ALWAYS_INLINE void pair_values_impl(const scalar_t* dots, int64_t rows,
   const scalar_t none = neg_infinity<scalar_t>();
   // modality_allowed() with the mode hoisted out of the loop, in bitwise form.
   const bool any_modality = mode == kModeAll, want_other = mode == kModeCross;
+  const int32_t cols32 = static_cast<int32_t>(cols);
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t label = a.labels[r];
-    const int64_t modality = a.modalities[r];
+    const int32_t label = a.labels[r], modality = a.modalities[r], self_c = self_column(r, cols, self_shift);
     const scalar_t inv_r = a.inv[r];
     const scalar_t* d = dots + r * cols;
     scalar_t* nr = neg + r * cols;
     scalar_t* pr = pos + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
+    for (int32_t c = 0; c < cols32; ++c) {
       const scalar_t s = d[c] * inv_r * b.inv[c];
       // Every load unconditional and no short-circuit: the loop must if-convert to vectorize.
-      const int64_t label_c = b.labels[c], modality_c = b.modalities[c];
-      const bool allowed = (r - c != self_shift) & (any_modality | (want_other == (modality != modality_c)));
+      const int32_t label_c = b.labels[c], modality_c = b.modalities[c];
+      const bool allowed = (c != self_c) & (any_modality | (want_other == (modality != modality_c)));
       const bool same = label == label_c;
       nr[c] = (allowed && !same) ? gamma * (s + margin) : none;
       pr[c] = (allowed && same) ? -gamma * s : none;
@@ -78,7 +123,10 @@ REID_EXT_ALWAYS_INLINE void pair_values_impl(const scalar_t* dots, int64_t rows,
   }
 }
 
-// Folds each row of values[rows, cols] into the running (max, sum) of anchor first + r.
+// Folds each row of values[rows, cols] into the running (max, sum) of anchor first + r. A NaN
+// value is skipped by the max but makes the sum NaN (vexp keeps NaN); a row whose values are
+// all -inf or NaN has no sum, so only then is it searched for a NaN. Keeping NaN checks out of
+// the max loop lets its 16 lanes stay in vector registers.
 template <typename scalar_t>
 REID_EXT_ALWAYS_INLINE void fold_rows_impl(const scalar_t* values, int64_t rows, int64_t cols, scalar_t* run_max, scalar_t* run_sum,
                            uint8_t* run_nan) {
@@ -86,27 +134,26 @@ REID_EXT_ALWAYS_INLINE void fold_rows_impl(const scalar_t* values, int64_t rows,
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* v = values + r * cols;
     scalar_t lane_max[kLanes];
-    int lane_nan[kLanes];
-    for (int l = 0; l < kLanes; ++l) lane_max[l] = none, lane_nan[l] = 0;
+    for (int l = 0; l < kLanes; ++l) lane_max[l] = none;
     const int64_t body = cols - cols % kLanes;
     for (int64_t c0 = 0; c0 < body; c0 += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        const scalar_t x = v[c0 + l];
-        lane_max[l] = x > lane_max[l] ? x : lane_max[l];
-        lane_nan[l] |= x != x;
-      }
+      for (int l = 0; l < kLanes; ++l) lane_max[l] = v[c0 + l] > lane_max[l] ? v[c0 + l] : lane_max[l];
     scalar_t m = none;
-    int has_nan = 0;
-    for (int l = 0; l < kLanes; ++l) m = lane_max[l] > m ? lane_max[l] : m, has_nan |= lane_nan[l];
-    for (int64_t c = body; c < cols; ++c) m = v[c] > m ? v[c] : m, has_nan |= v[c] != v[c];
-    run_nan[r] |= has_nan;
-    if (m == none) continue;  // no pair (or only NaN pairs, which run_nan keeps) in this tile
+    for (int l = 0; l < kLanes; ++l) m = lane_max[l] > m ? lane_max[l] : m;
+    for (int64_t c = body; c < cols; ++c) m = v[c] > m ? v[c] : m;
+    if (m == none) {  // no pair in this tile, or only NaN pairs, which run_nan keeps
+      int has_nan = 0;
+      for (int64_t c = 0; c < cols; ++c) has_nan |= v[c] != v[c];
+      run_nan[r] |= has_nan;
+      continue;
+    }
     scalar_t lane_sum[kLanes] = {};
     for (int64_t c0 = 0; c0 < body; c0 += kLanes)
       for (int l = 0; l < kLanes; ++l) lane_sum[l] += vexp(v[c0 + l] - m);
     scalar_t sum = 0;
     for (int l = 0; l < kLanes; ++l) sum += lane_sum[l];
     for (int64_t c = body; c < cols; ++c) sum += vexp(v[c] - m);
+    run_nan[r] |= sum != sum;
     OnlineLSE<scalar_t> lse;
     lse.max = run_max[r];
     lse.sum = run_sum[r];
@@ -172,20 +219,25 @@ REID_EXT_ALWAYS_INLINE void pair_grads_impl(const scalar_t* dots, int64_t rows_n
                                             const AnchorGrad<scalar_t>* cols, int mode, scalar_t gamma,
                                             scalar_t margin, scalar_t* g) {
   const bool any_modality = mode == kModeAll, want_other = mode == kModeCross;  // as in pair_values_impl
+  // Column factors in locals: loaded through `cols` inside the loop, they might alias g, and the
+  // loop would not vectorize.
+  const scalar_t* w_cols = kCols ? cols->weight : nullptr;
+  const scalar_t* neg_cols = kCols ? cols->shift_neg : nullptr;
+  const scalar_t* pos_cols = kCols ? cols->shift_pos : nullptr;
+  const int32_t cols32 = static_cast<int32_t>(cols_n);
   for (int64_t r = 0; r < rows_n; ++r) {
-    const int64_t label = a.labels[r];
-    const int64_t modality = a.modalities[r];
+    const int32_t label = a.labels[r], modality = a.modalities[r], self_c = self_column(r, cols_n, self_shift);
     const scalar_t inv_r = a.inv[r];
     const scalar_t w_r = kRows ? rows->weight[r] : scalar_t(0);
     const scalar_t neg_r = kRows ? rows->shift_neg[r] : scalar_t(0);
     const scalar_t pos_r = kRows ? rows->shift_pos[r] : scalar_t(0);
     const scalar_t* d = dots + r * cols_n;
     scalar_t* gr = g + r * cols_n;
-    for (int64_t c = 0; c < cols_n; ++c) {
+    for (int32_t c = 0; c < cols32; ++c) {
       const scalar_t s = d[c] * inv_r * b.inv[c];
       // Every load unconditional and no short-circuit: the loop must if-convert to vectorize.
-      const int64_t label_c = b.labels[c], modality_c = b.modalities[c];
-      const bool allowed = (r - c != self_shift) & (any_modality | (want_other == (modality != modality_c)));
+      const int32_t label_c = b.labels[c], modality_c = b.modalities[c];
+      const bool allowed = (c != self_c) & (any_modality | (want_other == (modality != modality_c)));
       const bool same = label == label_c;
       const scalar_t neg_arg = gamma * (s + margin), pos_arg = -gamma * s;
       scalar_t value = 0;
@@ -194,7 +246,7 @@ REID_EXT_ALWAYS_INLINE void pair_grads_impl(const scalar_t* dots, int64_t rows_n
         value += (same ? -w_r : w_r) * gamma * e;
       }
       if (kCols) {
-        const scalar_t w_c = cols->weight[c], neg_c = cols->shift_neg[c], pos_c = cols->shift_pos[c];
+        const scalar_t w_c = w_cols[c], neg_c = neg_cols[c], pos_c = pos_cols[c];
         const scalar_t e = vexp(same ? pos_arg - pos_c : neg_arg - neg_c);
         value += (same ? -w_c : w_c) * gamma * e;
       }
@@ -237,11 +289,15 @@ struct Problem {
   const UnifiedInputs& in;
   int mode;
   scalar_t gamma, margin;
+  Codes labels;
+  std::optional<Codes> modalities;  // modes "cross" and "intra" only
   // Inverse norms, and the radial factors of the normalization Jacobian (for the backward).
   std::vector<scalar_t> inv_x, inv_ref, radial_x, radial_ref;
 
   Problem(const UnifiedInputs& inputs, int64_t mode_, double gamma_, double margin_)
-      : in(inputs), mode(static_cast<int>(mode_)), gamma(scalar_t(gamma_)), margin(scalar_t(margin_)) {
+      : in(inputs), mode(static_cast<int>(mode_)), gamma(scalar_t(gamma_)), margin(scalar_t(margin_)),
+        labels(in.labels, in.ref_labels, in.self_ref) {
+    if (in.modalities.defined()) modalities.emplace(in.modalities, in.ref_modalities, in.self_ref);
     inverse_norms<scalar_t>(in.x, scalar_t(kNormEps), inv_x, &radial_x);
     if (!in.self_ref) inverse_norms<scalar_t>(in.ref, scalar_t(kNormEps), inv_ref, &radial_ref);
   }
@@ -249,15 +305,15 @@ struct Problem {
   const std::vector<scalar_t>& ref_inv() const { return in.self_ref ? inv_x : inv_ref; }
 
   Side<scalar_t> anchors(int64_t first) const {
-    const int64_t* labels = in.labels.data_ptr<int64_t>();
-    const int64_t* modalities = in.modalities.defined() ? in.modalities.data_ptr<int64_t>() : labels;
-    return {labels + first, modalities + first, inv_x.data() + first};
+    const int32_t* l = labels.anchors.data();
+    const int32_t* m = modalities ? modalities->anchors.data() : l;
+    return {l + first, m + first, inv_x.data() + first};
   }
 
   Side<scalar_t> references(int64_t first) const {
-    const int64_t* labels = in.ref_labels.data_ptr<int64_t>();
-    const int64_t* modalities = in.ref_modalities.defined() ? in.ref_modalities.data_ptr<int64_t>() : labels;
-    return {labels + first, modalities + first, ref_inv().data() + first};
+    const int32_t* l = labels.reference_codes();
+    const int32_t* m = modalities ? modalities->reference_codes() : l;
+    return {l + first, m + first, ref_inv().data() + first};
   }
 };
 
@@ -271,7 +327,6 @@ struct Tile {
   int64_t self_shift;
 };
 
-constexpr int64_t kNoSelfPairs = std::numeric_limits<int64_t>::max();
 
 // Beyond a single tile, the batch against itself visits each pair of blocks once (half the dot
 // products); blocks of 256 keep each BLAS call large enough to be efficient.
