@@ -9,20 +9,37 @@ MODES = ("all", "cross", "intra")
 REDUCTIONS = ("mean", "sum", "none")
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 
+# Whose kernels a tensor's op runs: its device's, unless tools/cudasim runs the CUDA kernels on
+# CPU tensors (reid_ext.ops._calling sets this to "cuda" then).
+KERNEL_DEVICE = None
+
+
+def kernel_device(t: torch.Tensor) -> str:
+    return KERNEL_DEVICE or t.device.type
+
+
 _FLOAT_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 
 
-def check_features(name: str, t, dtypes_of=None) -> None:
+def _float_dtypes(t: torch.Tensor):
+    # With the emulated CUDA kernels, CPU tensors may be of either device's dtypes: the
+    # references compute in any of them, and the kernels' own checks reject float64.
+    if KERNEL_DEVICE == "cuda" and t.device.type == "cpu":
+        return _FLOAT_DTYPES["cpu"] + _FLOAT_DTYPES["cuda"][1:]
+    return _FLOAT_DTYPES.get(t.device.type, _FLOAT_DTYPES["cpu"])
+
+
+def check_features(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a Tensor[N, D], got {type(t).__name__}")
     if t.dim() != 2:
         raise ValueError(f"{name} must be a 2-D Tensor[N, D], got shape {tuple(t.shape)}")
     if t.size(1) == 0:
         raise ValueError(f"{name} must have a non-empty feature dimension D, got shape {tuple(t.shape)}")
-    allowed = _FLOAT_DTYPES.get(t.device.type, (torch.float32, torch.float64))
+    allowed = _float_dtypes(t)
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} must be one of {names} on {t.device.type}, got {t.dtype}")

@@ -5,12 +5,30 @@ calls one fused op, and reduces in a couple of tensor ops without host
 synchronisation. Backward passes are private ops of their own, so that
 torch.compile sees the whole graph.
 """
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _checks
+
+# The op namespace the public functions call: torch.ops.reid_ext, or (tools/cudasim) the
+# emulated-GPU build of the CUDA kernels, which has the same schemas on CPU tensors.
+_OPS = torch.ops.reid_ext
+# Per op name: its fake kernel; its (backward, setup_context); the (loss name, number of inputs,
+# gradient positions) of an op that returns its gradients with the loss. _register applies them.
+_FAKES = {}
+_AUTOGRAD = {}
+_GRADIENT_IN_FORWARD = {}
+
+
+def _fake(name: str):
+    def collect(fn):
+        _FAKES[name] = fn
+        return fn
+
+    return collect
 
 __all__ = [
     "cosine_similarity",
@@ -42,15 +60,15 @@ def cosine_similarity(x: Tensor, y: Optional[Tensor] = None, eps: float = 1e-12)
         S (Tensor[N, M]): S_ij = <x_i, y_j> / (max(|x_i|, eps) * max(|y_j|, eps)).
     """
     _checks.check_cosine_similarity(x, y, eps)
-    return torch.ops.reid_ext.cosine_similarity.default(x, y, float(eps))
+    return _OPS.cosine_similarity.default(x, y, float(eps))
 
 
-@torch.library.register_fake("reid_ext::cosine_similarity")
+@_fake("cosine_similarity")
 def _cosine_similarity_fake(x, y, eps):
     return x.new_empty(x.size(0), x.size(0) if y is None else y.size(0))
 
 
-@torch.library.register_fake("reid_ext::_cosine_similarity_backward")
+@_fake("_cosine_similarity_backward")
 def _cosine_similarity_backward_fake(grad, x, y, eps):
     return torch.empty_like(x), (x.new_empty(0, x.size(1)) if y is None else torch.empty_like(y))
 
@@ -62,19 +80,17 @@ def _cosine_similarity_setup(ctx, inputs, output):
     ctx.save_for_backward(x, y)
 
 
-def _cosine_similarity_backward(ctx, grad):
+def _cosine_similarity_backward(ops, ctx, grad):
     _no_double_backward("cosine_similarity")
     x, y = ctx.saved_tensors
-    grad_x, grad_y = torch.ops.reid_ext._cosine_similarity_backward.default(grad, x, y, ctx.eps)
+    grad_x, grad_y = ops._cosine_similarity_backward.default(grad, x, y, ctx.eps)
     return grad_x, (grad_y if ctx.has_y else None), None
 
 
-torch.library.register_autograd(
-    "reid_ext::cosine_similarity", _cosine_similarity_backward, setup_context=_cosine_similarity_setup
-)
+_AUTOGRAD["cosine_similarity"] = (_cosine_similarity_backward, _cosine_similarity_setup)
 
 
-def _register_gradient_in_forward(op: str, loss_name: str, num_inputs: int, grad_inputs: Tuple[int, ...]) -> None:
+def _gradient_in_forward_autograd(loss_name: str, num_inputs: int, grad_inputs: Tuple[int, ...]):
     """Autograd of an op that returns (loss, gradient of loss w.r.t. input grad_inputs[0], ...):
     the backward scales the saved gradients."""
 
@@ -90,7 +106,7 @@ def _register_gradient_in_forward(op: str, loss_name: str, num_inputs: int, grad
                 grads[position] = grad_loss * saved
         return tuple(grads)
 
-    torch.library.register_autograd(op, backward, setup_context=setup)
+    return backward, setup
 
 
 def _grad_in_forward(x: Tensor, reduction: str, *others: Optional[Tensor]) -> bool:
@@ -99,7 +115,7 @@ def _grad_in_forward(x: Tensor, reduction: str, *others: Optional[Tensor]) -> bo
     the saved gradient. A kernel that sees whole rows of the pair (or logit) matrix at once then
     computes its dot products once for both directions, one GEMM fewer than a forward and a
     recomputing backward."""
-    if x.device.type != "cpu" or reduction == "none" or not torch.is_grad_enabled():
+    if _checks.kernel_device(x) != "cpu" or reduction == "none" or not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in (x, *others))
 
@@ -151,25 +167,25 @@ def unified_triplet_loss(
     """
     _checks.check_unified(x, labels, gamma, modalities, mode, ref, ref_labels, ref_modalities, reduction)
     if _with_grad_pays(x, ref, reduction):
-        loss, _, _ = torch.ops.reid_ext._unified_triplet_loss_with_grad.default(
+        loss, _, _ = _OPS._unified_triplet_loss_with_grad.default(
             x, labels, modalities, ref, ref_labels, ref_modalities, float(gamma), float(margin), _checks.mode_id(mode),
             reduction == "mean", ref is not None and ref.requires_grad,
         )
         return loss
-    loss, valid, _, _ = torch.ops.reid_ext.unified_triplet_loss.default(
+    loss, valid, _, _ = _OPS.unified_triplet_loss.default(
         x, labels, modalities, ref, ref_labels, ref_modalities, float(gamma), float(margin), _checks.mode_id(mode)
     )
     return _checks.reduce_loss(loss, valid, reduction)
 
 
-@torch.library.register_fake("reid_ext::unified_triplet_loss")
+@_fake("unified_triplet_loss")
 def _unified_fake(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode):
     n = x.size(0)
     stats = x.new_empty(n, dtype=_acc_dtype(x.dtype))
     return x.new_empty(n), x.new_empty(n, dtype=torch.bool), stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake("reid_ext::_unified_triplet_loss_backward")
+@_fake("_unified_triplet_loss_backward")
 def _unified_backward_fake(
     grad_loss, x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos, gamma, margin, mode,
     ref_requires_grad,
@@ -186,20 +202,18 @@ def _unified_setup(ctx, inputs, output):
     ctx.save_for_backward(x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos)
 
 
-def _unified_backward(ctx, grad_loss, _grad_valid, _grad_lse_neg, _grad_lse_pos):
+def _unified_backward(ops, ctx, grad_loss, _grad_valid, _grad_lse_neg, _grad_lse_pos):
     _no_double_backward("unified_triplet_loss")
     x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos = ctx.saved_tensors
     ref_requires_grad = ref is not None and ctx.needs_input_grad[3]
-    grad_x, grad_ref = torch.ops.reid_ext._unified_triplet_loss_backward.default(
+    grad_x, grad_ref = ops._unified_triplet_loss_backward.default(
         grad_loss, x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos,
         ctx.gamma, ctx.margin, ctx.mode, ref_requires_grad,
     )
     return grad_x, None, None, (grad_ref if ref_requires_grad else None), None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "reid_ext::unified_triplet_loss", _unified_backward, setup_context=_unified_setup
-)
+_AUTOGRAD["unified_triplet_loss"] = (_unified_backward, _unified_setup)
 
 # Problems up to this many pairs (with at most 512 references) are one tile of the CPU kernel.
 _SINGLE_TILE_PAIRS = 512 * 512
@@ -217,7 +231,7 @@ def _with_grad_pays(x: Tensor, ref: Optional[Tensor], reduction: str) -> bool:
     return single_tile or (ref is not None and m <= _PANEL_BANK)
 
 
-@torch.library.register_fake("reid_ext::_unified_triplet_loss_with_grad")
+@_fake("_unified_triplet_loss_with_grad")
 def _unified_with_grad_fake(
     x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, mean, ref_requires_grad
 ):
@@ -225,7 +239,7 @@ def _unified_with_grad_fake(
     return x.new_empty(()), torch.empty_like(x), grad_ref
 
 
-_register_gradient_in_forward("reid_ext::_unified_triplet_loss_with_grad", "unified_triplet_loss", 11, (0, 3))
+_GRADIENT_IN_FORWARD["_unified_triplet_loss_with_grad"] = ("unified_triplet_loss", 11, (0, 3))
 
 
 
@@ -264,14 +278,14 @@ def batch_hard_triplet_loss(
         selected pairs only.
     """
     _checks.check_batch_hard(x, labels, margin, metric, reduction)
-    loss, valid, pos_idx, neg_idx, _, _ = torch.ops.reid_ext.batch_hard_triplet_loss.default(
+    loss, valid, pos_idx, neg_idx, _, _ = _OPS.batch_hard_triplet_loss.default(
         x, labels, float(margin), _checks.metric_id(metric), bool(soft_margin)
     )
     loss = _checks.reduce_loss(loss, valid, reduction)
     return (loss, pos_idx, neg_idx) if return_indices else loss
 
 
-@torch.library.register_fake("reid_ext::batch_hard_triplet_loss")
+@_fake("batch_hard_triplet_loss")
 def _batch_hard_fake(x, labels, margin, metric, soft_margin):
     n = x.size(0)
     index = x.new_empty(n, dtype=torch.long)
@@ -280,7 +294,7 @@ def _batch_hard_fake(x, labels, margin, metric, soft_margin):
     return x.new_empty(n), valid, index, torch.empty_like(index), dist, torch.empty_like(dist)
 
 
-@torch.library.register_fake("reid_ext::_batch_hard_triplet_loss_backward")
+@_fake("_batch_hard_triplet_loss_backward")
 def _batch_hard_backward_fake(grad_loss, x, pos_idx, neg_idx, dist_ap, dist_an, margin, metric, soft_margin):
     return x.new_empty(x.shape)
 
@@ -293,18 +307,16 @@ def _batch_hard_setup(ctx, inputs, output):
     ctx.save_for_backward(x, pos_idx, neg_idx, dist_ap, dist_an)
 
 
-def _batch_hard_backward(ctx, grad_loss, *_unused):
+def _batch_hard_backward(ops, ctx, grad_loss, *_unused):
     _no_double_backward("batch_hard_triplet_loss")
     x, pos_idx, neg_idx, dist_ap, dist_an = ctx.saved_tensors
-    grad_x = torch.ops.reid_ext._batch_hard_triplet_loss_backward.default(
+    grad_x = ops._batch_hard_triplet_loss_backward.default(
         grad_loss, x, pos_idx, neg_idx, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft_margin
     )
     return grad_x, None, None, None, None
 
 
-torch.library.register_autograd(
-    "reid_ext::batch_hard_triplet_loss", _batch_hard_backward, setup_context=_batch_hard_setup
-)
+_AUTOGRAD["batch_hard_triplet_loss"] = (_batch_hard_backward, _batch_hard_setup)
 
 
 # ---------------------------------------------------------------- modality_centers
@@ -348,18 +360,18 @@ def modality_centers(
     label_rank = torch.searchsorted(sorted_labels, labels_long)
     modality_rank = torch.searchsorted(sorted_modalities, modalities_long)
     keys, group = torch.unique(label_rank * n + modality_rank, return_inverse=True)
-    centers, _ = torch.ops.reid_ext.modality_centers.default(x, group, keys.size(0), bool(normalize))
+    centers, _ = _OPS.modality_centers.default(x, group, keys.size(0), bool(normalize))
     center_labels = sorted_labels[keys // n].to(labels.dtype)
     center_modalities = sorted_modalities[keys % n].to(modalities.dtype)
     return centers, center_labels, center_modalities
 
 
-@torch.library.register_fake("reid_ext::modality_centers")
+@_fake("modality_centers")
 def _centers_fake(x, group, num_groups, normalize):
     return x.new_empty(num_groups, x.size(1)), x.new_empty(num_groups, dtype=torch.long)
 
 
-@torch.library.register_fake("reid_ext::_modality_centers_backward")
+@_fake("_modality_centers_backward")
 def _centers_backward_fake(grad_centers, x, group, counts, normalize):
     return x.new_empty(x.shape)
 
@@ -372,14 +384,14 @@ def _centers_setup(ctx, inputs, output):
     ctx.save_for_backward(x, group, counts)
 
 
-def _centers_backward(ctx, grad_centers, _grad_counts):
+def _centers_backward(ops, ctx, grad_centers, _grad_counts):
     _no_double_backward("modality_centers")
     x, group, counts = ctx.saved_tensors
-    grad_x = torch.ops.reid_ext._modality_centers_backward.default(grad_centers, x, group, counts, ctx.normalize)
+    grad_x = ops._modality_centers_backward.default(grad_centers, x, group, counts, ctx.normalize)
     return grad_x, None, None, None
 
 
-torch.library.register_autograd("reid_ext::modality_centers", _centers_backward, setup_context=_centers_setup)
+_AUTOGRAD["modality_centers"] = (_centers_backward, _centers_setup)
 
 
 # ---------------------------------------------------------------- hetero_center_triplet_loss
@@ -469,12 +481,12 @@ def cosine_softmax_loss(
     """
     _checks.check_cosine_softmax(x, weight, labels, scale, label_smoothing, reduction)
     if _grad_in_forward(x, reduction, weight) and weight.size(0) <= _CHUNK_CLASSES:
-        loss, _, _ = torch.ops.reid_ext._cosine_softmax_loss_with_grad.default(
+        loss, _, _ = _OPS._cosine_softmax_loss_with_grad.default(
             x, weight, labels, float(scale), float(margin), float(label_smoothing), reduction == "mean",
             x.requires_grad, weight.requires_grad,
         )
         return loss
-    loss, _ = torch.ops.reid_ext.cosine_softmax_loss.default(
+    loss, _ = _OPS.cosine_softmax_loss.default(
         x, weight, labels, float(scale), float(margin), float(label_smoothing)
     )
     if reduction == "none":
@@ -483,13 +495,13 @@ def cosine_softmax_loss(
     return total if reduction == "sum" else total / max(x.size(0), 1)
 
 
-@torch.library.register_fake("reid_ext::cosine_softmax_loss")
+@_fake("cosine_softmax_loss")
 def _cosine_softmax_fake(x, weight, labels, scale, margin, label_smoothing):
     n = x.size(0)
     return x.new_empty(n), x.new_empty(n, dtype=_acc_dtype(x.dtype))
 
 
-@torch.library.register_fake("reid_ext::_cosine_softmax_loss_backward")
+@_fake("_cosine_softmax_loss_backward")
 def _cosine_softmax_backward_fake(grad_loss, x, weight, labels, lse, scale, margin, label_smoothing, x_requires_grad,
                                   weight_requires_grad):
     grad_x = x.new_empty(x.shape) if x_requires_grad else x.new_empty(0, x.size(1))
@@ -505,19 +517,17 @@ def _cosine_softmax_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, labels, lse)
 
 
-def _cosine_softmax_backward(ctx, grad_loss, _grad_lse):
+def _cosine_softmax_backward(ops, ctx, grad_loss, _grad_lse):
     _no_double_backward("cosine_softmax_loss")
     x, weight, labels, lse = ctx.saved_tensors
     want_x, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_weight = torch.ops.reid_ext._cosine_softmax_loss_backward.default(
+    grad_x, grad_weight = ops._cosine_softmax_loss_backward.default(
         grad_loss, x, weight, labels, lse, ctx.scale, ctx.margin, ctx.label_smoothing, want_x, want_weight
     )
     return (grad_x if want_x else None), (grad_weight if want_weight else None), None, None, None, None
 
 
-torch.library.register_autograd(
-    "reid_ext::cosine_softmax_loss", _cosine_softmax_backward, setup_context=_cosine_softmax_setup
-)
+_AUTOGRAD["cosine_softmax_loss"] = (_cosine_softmax_backward, _cosine_softmax_setup)
 
 
 # Up to this many classes, the CPU kernel's chunks of logits are whole rows: each gives its
@@ -525,7 +535,7 @@ torch.library.register_autograd(
 _CHUNK_CLASSES = 4096
 
 
-@torch.library.register_fake("reid_ext::_cosine_softmax_loss_with_grad")
+@_fake("_cosine_softmax_loss_with_grad")
 def _cosine_softmax_with_grad_fake(x, weight, labels, scale, margin, label_smoothing, mean, x_requires_grad,
                                    weight_requires_grad):
     grad_x = torch.empty_like(x) if x_requires_grad else x.new_empty(0, x.size(1))
@@ -533,4 +543,40 @@ def _cosine_softmax_with_grad_fake(x, weight, labels, scale, margin, label_smoot
     return x.new_empty(()), grad_x, grad_weight
 
 
-_register_gradient_in_forward("reid_ext::_cosine_softmax_loss_with_grad", "cosine_softmax_loss", 9, (0, 1))
+_GRADIENT_IN_FORWARD["_cosine_softmax_loss_with_grad"] = ("cosine_softmax_loss", 9, (0, 1))
+
+
+def _register(namespace: str) -> None:
+    """Registers the fake kernels and the autograd of every op of `namespace` (which has the
+    schemas of csrc/schemas.h); each backward calls the backward op of its forward's namespace."""
+    ops = getattr(torch.ops, namespace)
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+
+    def bound(backward):
+        def backward_in_namespace(ctx, *grads):
+            return backward(ops, ctx, *grads)
+
+        return backward_in_namespace
+
+    for name, (backward, setup) in _AUTOGRAD.items():
+        torch.library.register_autograd(f"{namespace}::{name}", bound(backward), setup_context=setup)
+    for name, spec in _GRADIENT_IN_FORWARD.items():
+        backward, setup = _gradient_in_forward_autograd(*spec)
+        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
+
+
+@contextlib.contextmanager
+def _calling(namespace: str, kernel_device: str):
+    """Within it, the public functions call the ops of `namespace`, whose kernels are those of
+    `kernel_device` (tools/cudasim: the emulated CUDA build on CPU tensors)."""
+    global _OPS
+    saved = _OPS, _checks.KERNEL_DEVICE
+    _OPS, _checks.KERNEL_DEVICE = getattr(torch.ops, namespace), kernel_device
+    try:
+        yield
+    finally:
+        _OPS, _checks.KERNEL_DEVICE = saved
+
+
+_register("reid_ext")

@@ -5,19 +5,10 @@ import torch
 
 import reid_ext
 from reid_ext import reference
-from conftest import CUDA, DEVICES, LAYOUTS, make_labels
+from conftest import CUDA, LAYOUTS, features, make_labels, torch_device
 
 METRICS = ["euclidean", "sqeuclidean", "cosine"]
 REDUCTIONS = ["mean", "sum", "none"]
-
-
-def features(n, d, gen, device, dtype=torch.float64, requires_grad=True):
-    x = torch.randn(n, d, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    return x.requires_grad_(requires_grad)
-
-
-def device_dtype(device):
-    return torch.float64 if device == "cpu" else torch.float32
 
 
 def tolerance(dtype):
@@ -62,26 +53,24 @@ def two_modalities(labels):
 # ---------------------------------------------------------------- batch_hard_triplet_loss
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("soft_margin", [False, True])
 def test_batch_hard_matches_reference(device, layout, metric, soft_margin, gen):
-    dtype = device_dtype(device)
+    dtype = device.dtype
     x = features(45, 24, gen, device, dtype)
-    labels = make_labels(layout, 45, gen).to(device)
+    labels = make_labels(layout, 45, gen).to(torch_device(device))
     kwargs = dict(metric=metric, soft_margin=soft_margin, margin=0.5, reduction="none", return_indices=True)
     ours = value_and_grads(reid_ext.batch_hard_triplet_loss, [x], x, labels, **kwargs)
     theirs = value_and_grads(reference.batch_hard_triplet_loss, [x], x, labels, **kwargs)
     assert_same(ours, theirs, **tolerance(dtype))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_batch_hard_reductions(device, reduction, gen):
-    dtype = device_dtype(device)
+    dtype = device.dtype
     x = features(40, 16, gen, device, dtype)
-    labels = make_labels("singletons", 40, gen).to(device)  # some anchors have no positive
+    labels = make_labels("singletons", 40, gen).to(torch_device(device))  # some anchors have no positive
     for fn_kwargs in (dict(margin=0.3), dict(soft_margin=True, metric="cosine")):
         assert_same(
             value_and_grads(reid_ext.batch_hard_triplet_loss, [x], x, labels, reduction=reduction, **fn_kwargs),
@@ -90,13 +79,12 @@ def test_batch_hard_reductions(device, reduction, gen):
         )
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", METRICS)
 def test_batch_hard_ties_go_to_the_lowest_index(device, metric):
     # Small integer features: every distance is exact, so the ties below are exact ties.
     x = torch.tensor([[1, 0], [0, 1], [-1, 0], [-1, 0], [0, -1], [2, 0], [2, 0], [0, 2]], dtype=torch.float32)
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])
-    x, labels = x.to(device), labels.to(device)
+    x, labels = x.to(torch_device(device)), labels.to(torch_device(device))
     _, pos, neg = reid_ext.batch_hard_triplet_loss(x, labels, metric=metric, return_indices=True)
     # Anchor 0: rows 2 and 3 are its (equally) farthest positives, rows 5 and 6 its closest negatives.
     assert (pos[0].item(), neg[0].item()) == (2, 5)
@@ -125,15 +113,14 @@ def test_batch_hard_many_ties_match_reference(metric, n, gen):
     assert torch.equal(pos, ref_pos) and torch.equal(neg, ref_neg)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_batch_hard_without_positive_or_negative(device, gen):
     x = features(6, 4, gen, device, torch.float32)
-    labels = torch.tensor([0, 0, 1, 2, 3, 3], device=device)  # anchors 2 and 3 have no positive
+    labels = torch.tensor([0, 0, 1, 2, 3, 3], device=torch_device(device))  # anchors 2 and 3 have no positive
     loss, pos, neg = reid_ext.batch_hard_triplet_loss(x, labels, reduction="none", return_indices=True)
     assert pos.tolist()[2:4] == [-1, -1] and (neg >= 0).all()
     assert loss[2] == 0 and loss[3] == 0
     x1 = features(5, 4, gen, device, torch.float32)
-    loss, pos, neg = reid_ext.batch_hard_triplet_loss(x1, torch.zeros(5, dtype=torch.long, device=device),
+    loss, pos, neg = reid_ext.batch_hard_triplet_loss(x1, torch.zeros(5, dtype=torch.long, device=torch_device(device)),
                                                       return_indices=True)
     assert (neg == -1).all() and (pos >= 0).all()
     loss.backward()
@@ -162,12 +149,11 @@ def test_batch_hard_gradcheck(metric, soft_margin, gen):
     assert torch.autograd.gradcheck(fn, (x,))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("metric", METRICS)
 def test_batch_hard_nan_feature_gives_nan_loss(device, metric, gen):
     x = features(16, 8, gen, device, torch.float32, requires_grad=False)
     x[5, 2] = float("nan")
-    labels = (torch.arange(16) // 4).to(device)
+    labels = (torch.arange(16) // 4).to(torch_device(device))
     loss = reid_ext.batch_hard_triplet_loss(x, labels, metric=metric, reduction="none")
     # Row 5 is a candidate of every anchor: every anchor's hardest pair is the NaN one.
     assert torch.isnan(loss).all()
@@ -180,13 +166,12 @@ def unbalanced_groups(device):
     # (label, modality) groups of sizes 1 to 7, listed out of order.
     labels = torch.tensor([3, 0, 3, 1, 1, 1, 0, 3, 3, 3, 0, 2, 3, 3, 1, 0, 3, 1, 1, 1])
     modalities = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1])
-    return labels.to(device), modalities.to(device)
+    return labels.to(torch_device(device)), modalities.to(torch_device(device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_centers_match_reference(device, normalize, gen):
-    dtype = device_dtype(device)
+    dtype = device.dtype
     labels, modalities = unbalanced_groups(device)
     x = features(labels.numel(), 9, gen, device, dtype)
     with torch.no_grad():
@@ -207,20 +192,19 @@ def test_centers_order_and_dtypes():
     assert centers.shape == (4, 3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_centers_are_bitwise_deterministic(device, normalize):
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(3000, 96, generator=gen).to(device).requires_grad_(True)
-    labels = torch.randint(0, 40, (3000,), generator=gen).to(device)
-    modalities = torch.randint(0, 3, (3000,), generator=gen).to(device)
+    x = torch.randn(3000, 96, generator=gen).to(torch_device(device)).requires_grad_(True)
+    labels = torch.randint(0, 40, (3000,), generator=gen).to(torch_device(device))
+    modalities = torch.randint(0, 3, (3000,), generator=gen).to(torch_device(device))
     runs = []
     threads = torch.get_num_threads()
     try:
         for num_threads in (threads, 1, threads):  # on CPU, also across thread counts
             torch.set_num_threads(num_threads)
             centers, _, _ = reid_ext.modality_centers(x, labels, modalities, normalize=normalize)
-            weight = torch.linspace(-1, 1, centers.numel(), device=device).view_as(centers)
+            weight = torch.linspace(-1, 1, centers.numel(), device=torch_device(device)).view_as(centers)
             grad, = torch.autograd.grad((centers * weight).sum(), x)
             runs.append((centers.detach(), grad))
     finally:
@@ -246,14 +230,13 @@ def test_centers_raw_op_checks_group_ids():
 # ---------------------------------------------------------------- hetero_center_triplet_loss
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mining", ["all", "hard"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_hetero_matches_reference(device, layout, mining, reduction, gen):
-    dtype = device_dtype(device)
+    dtype = device.dtype
     x = features(48, 16, gen, device, dtype)
-    labels = make_labels(layout, 48, gen).to(device)
+    labels = make_labels(layout, 48, gen).to(torch_device(device))
     modalities = two_modalities(labels)
     kwargs = dict(mining=mining, gamma=8.0, reduction=reduction)
     assert_same(
@@ -290,16 +273,15 @@ def test_hetero_gradcheck(gen):
 # ---------------------------------------------------------------- cosine_softmax_loss
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cosine_softmax_matches_reference(device, label_smoothing, reduction, gen):
-    dtype = device_dtype(device)
+    dtype = device.dtype
     x = features(37, 20, gen, device, dtype)
     weight = features(300, 20, gen, device, dtype)  # more classes than one CPU tile
     with torch.no_grad():
         x[3] = 0.0
-    labels = torch.randint(0, 300, (37,), generator=gen).to(device)
+    labels = torch.randint(0, 300, (37,), generator=gen).to(torch_device(device))
     kwargs = dict(scale=16.0, margin=0.2, label_smoothing=label_smoothing, reduction=reduction)
     assert_same(
         value_and_grads(reid_ext.cosine_softmax_loss, [x, weight], x, weight, labels, **kwargs),
@@ -308,12 +290,11 @@ def test_cosine_softmax_matches_reference(device, label_smoothing, reduction, ge
     )
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_cosine_softmax_gradient_to_one_side(device, gen):
-    dtype = device_dtype(device)
+    dtype = device.dtype
     x = features(9, 6, gen, device, dtype)
     weight = features(5, 6, gen, device, dtype, requires_grad=False)
-    labels = torch.randint(0, 5, (9,), generator=gen).to(device)
+    labels = torch.randint(0, 5, (9,), generator=gen).to(torch_device(device))
     assert_same(value_and_grads(reid_ext.cosine_softmax_loss, [x], x, weight, labels),
                 value_and_grads(reference.cosine_softmax_loss, [x], x, weight, labels), **tolerance(dtype))
     frozen = x.detach()
@@ -406,7 +387,7 @@ def test_cosine_softmax_label_out_of_range_is_nan_on_cuda():
 
 def all_losses(device):
     """(name, loss(x, labels, modalities)) for every loss of this file, with a fixed weight for cosine-softmax."""
-    weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(3)).to(device)
+    weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(3)).to(torch_device(device))
     return [
         ("batch_hard", lambda x, l, m: reid_ext.batch_hard_triplet_loss(x, l)),
         ("batch_hard_cosine_soft", lambda x, l, m: reid_ext.batch_hard_triplet_loss(x, l, metric="cosine",
@@ -417,10 +398,9 @@ def all_losses(device):
     ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch_is_zero(device):
-    x = torch.zeros(0, 6, device=device, requires_grad=True)
-    empty = torch.zeros(0, dtype=torch.long, device=device)
+    x = torch.zeros(0, 6, device=torch_device(device), requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long, device=torch_device(device))
     for name, fn in all_losses(device):
         loss = fn(x, empty, empty)
         assert loss.item() == 0.0, name
@@ -428,21 +408,19 @@ def test_empty_batch_is_zero(device):
         assert x.grad.shape == (0, 6), name
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_nan_feature_gives_nan_loss(device, gen):
     x = features(16, 6, gen, device, torch.float32, requires_grad=False)
     x[5, 2] = float("nan")
-    labels = (torch.arange(16) // 4).to(device)
+    labels = (torch.arange(16) // 4).to(torch_device(device))
     for name, fn in all_losses(device):
         assert torch.isnan(fn(x, labels, two_modalities(labels))), name
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device, gen):
-    dtype = device_dtype(device)
+    dtype = device.dtype
     x = features(24, 12, gen, device, dtype, requires_grad=False)[:, ::2].requires_grad_(True)
-    labels = (torch.arange(48, device=device) // 4)[::2]
-    modalities = (torch.arange(48, device=device) % 2)[::2]
+    labels = (torch.arange(48, device=torch_device(device)) // 4)[::2]
+    modalities = (torch.arange(48, device=torch_device(device)) % 2)[::2]
     weight = features(10, 12, gen, device, dtype)[:, ::2]
     assert not x.is_contiguous() and not labels.is_contiguous() and not weight.is_contiguous()
     x_c = x.detach().contiguous().requires_grad_(True)
@@ -493,24 +471,24 @@ def test_cosine_softmax_module_owns_its_weight(gen):
 
 def _opcheck_cases(device):
     gen = torch.Generator().manual_seed(1)
-    dtype = device_dtype(device)
-    x = torch.randn(12, 6, generator=gen, dtype=dtype).to(device).requires_grad_(True)
-    weight = torch.randn(5, 6, generator=gen, dtype=dtype).to(device).requires_grad_(True)
-    labels = (torch.arange(12) // 3).to(device)
-    group = (torch.arange(12) % 5).to(device)
+    dtype = device.dtype
+    x = torch.randn(12, 6, generator=gen, dtype=dtype).to(torch_device(device)).requires_grad_(True)
+    weight = torch.randn(5, 6, generator=gen, dtype=dtype).to(torch_device(device)).requires_grad_(True)
+    labels = (torch.arange(12) // 3).to(torch_device(device))
+    group = (torch.arange(12) % 5).to(torch_device(device))
     ops = torch.ops.reid_ext
     xd = x.detach()
     _, _, pos, neg, d_ap, d_an = ops.batch_hard_triplet_loss(xd, labels, 0.3, 0, False)
     _, counts = ops.modality_centers(xd, group, 5, True)
     _, lse = ops.cosine_softmax_loss(xd, weight.detach(), labels % 5, 8.0, 0.2, 0.1)
-    ones = torch.ones(12, dtype=dtype, device=device)
+    ones = torch.ones(12, dtype=dtype, device=torch_device(device))
     return [
         (ops.batch_hard_triplet_loss.default, (x, labels, 0.3, 0, False)),
         (ops.batch_hard_triplet_loss.default, (x, labels, 0.0, 2, True)),
         (ops._batch_hard_triplet_loss_backward.default, (ones, xd, pos, neg, d_ap, d_an, 0.3, 0, False)),
         (ops.modality_centers.default, (x, group, 5, True)),
         (ops.modality_centers.default, (x, group, 5, False)),
-        (ops._modality_centers_backward.default, (torch.ones(5, 6, dtype=dtype, device=device), xd, group, counts,
+        (ops._modality_centers_backward.default, (torch.ones(5, 6, dtype=dtype, device=torch_device(device)), xd, group, counts,
                                                   True)),
         (ops.cosine_softmax_loss.default, (x, weight, labels % 5, 8.0, 0.2, 0.1)),
         (ops._cosine_softmax_loss_backward.default, (ones, xd, weight.detach(), labels % 5, lse, 8.0, 0.2, 0.1,
@@ -518,29 +496,27 @@ def _opcheck_cases(device):
     ] + ([
         (ops._cosine_softmax_loss_with_grad.default, (x, weight, labels % 5, 8.0, 0.2, 0.1, True, True, True)),
         (ops._cosine_softmax_loss_with_grad.default, (x, weight.detach(), labels % 5, 8.0, 0.2, 0.0, False, True, False)),
-    ] if device == "cpu" else [])
+    ] if device.name == "cpu" else [])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     for op, args in _opcheck_cases(device):
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device, gen):
     dtype = torch.float32
     x = features(24, 16, gen, device, dtype)
-    labels = (torch.arange(24) // 4).to(device)
+    labels = (torch.arange(24) // 4).to(torch_device(device))
     modalities = two_modalities(labels)
-    classifier = reid_ext.losses.CosineSoftmaxLoss(6, 16, device=device)
+    classifier = reid_ext.losses.CosineSoftmaxLoss(6, 16, device=torch_device(device))
     batch_hard = reid_ext.losses.BatchHardTripletLoss()
     hetero = reid_ext.losses.HeteroCenterTripletLoss()
 
     def step(f):
         return batch_hard(f, labels) + classifier(f, labels) + hetero(f, labels, modalities)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if device.name == "cuda" else "aot_eager")
     assert_same(value_and_grads(compiled, [x, classifier.weight], x),
                 value_and_grads(step, [x, classifier.weight], x), rtol=1e-5, atol=1e-6)
 

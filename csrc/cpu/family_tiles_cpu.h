@@ -24,7 +24,6 @@ namespace family {
 // 32 x 256 dot products (32 KiB in float32) stays in L2 while its epilogue reads it.
 constexpr int64_t kBlockRows = 32;
 constexpr int64_t kTileCols = 256;
-constexpr double kNormEps = 1e-12;
 
 // Rows per parallel task when each row costs `cost` operations: about 32768 per task, as
 // ATen's own grain, so that small problems stay on one thread.
@@ -58,7 +57,7 @@ struct RowNorms {
   explicit RowNorms(const at::Tensor& a) : sq(a.size(0)), inv(a.size(0)), radial(a.size(0)) {
     const int64_t d = a.size(1);
     const scalar_t* data = a.data_ptr<scalar_t>();
-    const scalar_t eps = static_cast<scalar_t>(kNormEps);
+    const scalar_t eps = norm_eps<scalar_t>();
     at::parallel_for(0, a.size(0), rows_per_task(d), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* row = data + i * d;

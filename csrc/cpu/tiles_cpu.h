@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "checks.h"
 #include "common.h"
 
 // The element loops are compiled twice on x86-64, for AVX2+FMA and for the

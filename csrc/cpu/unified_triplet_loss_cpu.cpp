@@ -19,7 +19,6 @@ namespace reid_ext {
 namespace cpu {
 namespace {
 
-constexpr double kNormEps = 1e-12;
 constexpr int64_t kBankTile = 256;  // references per tile against a bank
 // A problem of at most kSingleTileRefs references and kSingleTilePairs pairs is a single tile:
 // its dot products (1 MiB in float32 at most), and its gradient product, are one multi-threaded
@@ -298,8 +297,8 @@ struct Problem {
       : in(inputs), mode(static_cast<int>(mode_)), gamma(scalar_t(gamma_)), margin(scalar_t(margin_)),
         labels(in.labels, in.ref_labels, in.self_ref) {
     if (in.modalities.defined()) modalities.emplace(in.modalities, in.ref_modalities, in.self_ref);
-    inverse_norms<scalar_t>(in.x, scalar_t(kNormEps), inv_x, &radial_x);
-    if (!in.self_ref) inverse_norms<scalar_t>(in.ref, scalar_t(kNormEps), inv_ref, &radial_ref);
+    inverse_norms<scalar_t>(in.x, norm_eps<scalar_t>(), inv_x, &radial_x);
+    if (!in.self_ref) inverse_norms<scalar_t>(in.ref, norm_eps<scalar_t>(), inv_ref, &radial_ref);
   }
 
   const std::vector<scalar_t>& ref_inv() const { return in.self_ref ? inv_x : inv_ref; }

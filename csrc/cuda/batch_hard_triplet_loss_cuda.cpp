@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_glue.h"
-#include "cuda/family_launch.h"
 
 namespace reid_ext {
 namespace cuda {
@@ -21,9 +20,9 @@ constexpr int kMaxSplits = 64;
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_loss_cuda(
     const at::Tensor& x_in, const at::Tensor& labels_in, double margin, int64_t metric, bool soft_margin) {
   check_batch_hard_inputs(x_in, labels_in, margin, metric);
-  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
+  check_on_device(x_in, "x");
   const ScalarKind kind = scalar_kind(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t n = x.size(0);
@@ -56,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.partial_dist = splits > 1 ? partial_dist.data_ptr<float>() : nullptr;
   p.partial_idx = splits > 1 ? partial_idx.data_ptr<int64_t>() : nullptr;
   p.splits = splits;
-  C10_CUDA_CHECK(launch_batch_hard_forward(p, c10::cuda::getCurrentCUDAStream()));
+  check_launch(launch_batch_hard_forward(p, current_stream()));
   return {loss, valid, pos_idx, neg_idx, dist_ap, dist_an};
 }
 
@@ -71,9 +70,9 @@ at::Tensor batch_hard_triplet_loss_backward_cuda(const at::Tensor& grad_loss, co
   check_per_row(grad_loss, "grad_loss", x_in);
   check_per_row(dist_ap_in, "dist_ap", x_in);
   check_per_row(dist_an_in, "dist_an", x_in);
-  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
+  check_on_device(x_in, "x");
   const ScalarKind kind = scalar_kind(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0);
   const auto float_options = x.options().dtype(at::kFloat);
@@ -108,13 +107,13 @@ at::Tensor batch_hard_triplet_loss_backward_cuda(const at::Tensor& grad_loss, co
   p.radial = p.inv + n;
   p.weight = p.inv + 2 * n;
   p.grad_x = grad_x.data_ptr();
-  C10_CUDA_CHECK(launch_batch_hard_backward(p, c10::cuda::getCurrentCUDAStream()));
+  check_launch(launch_batch_hard_backward(p, current_stream()));
   return grad_x;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reid_ext, CUDA, m) {
+REID_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("batch_hard_triplet_loss", &batch_hard_triplet_loss_cuda);
   m.impl("_batch_hard_triplet_loss_backward", &batch_hard_triplet_loss_backward_cuda);
 }

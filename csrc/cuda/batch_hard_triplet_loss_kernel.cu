@@ -11,8 +11,7 @@
 // Backward: two distances per anchor, so O(N * D): one block per row k gathers
 // its own two pairs and the pairs that selected it (a CSR list from the glue),
 // in a fixed order: deterministic, no atomics.
-#include "cuda/family_launch.h"
-#include "cuda/family_tiles.cuh"
+#include "cuda/device.cuh"
 
 namespace reid_ext {
 namespace cuda {
@@ -72,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) batch_hard_forward_kernel(const Batc
       const int r = ty * kMicro + u;
       const int64_t i = i0 + r;
       if (i >= p.n) continue;
-      const float sq_i = tile.sq_a[r], inv_i = inverse_norm(sq_i, kNormEps);
+      const float sq_i = tile.sq_a[r], inv_i = inverse_norm(sq_i, norm_eps<float>());
       // This thread's columns increase with v and with t, as offer_in_order requires.
 #pragma unroll
       for (int v = 0; v < kMicro; ++v) {
@@ -80,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) batch_hard_forward_kernel(const Batc
         const int64_t j = j0 + c;
         if (j >= p.n || j == i) continue;
         const float sq_j = tile.sq_b[c];
-        const float dist = pair_distance<float>(p.metric, acc[u][v], sq_i, sq_j, inv_i, inverse_norm(sq_j, kNormEps));
+        const float dist = pair_distance<float>(p.metric, acc[u][v], sq_i, sq_j, inv_i, inverse_norm(sq_j, norm_eps<float>()));
         if (p.labels[j] == label[u]) {
           pos[u].offer_in_order(dist, j, true);
         } else {
@@ -141,9 +140,9 @@ __global__ void __launch_bounds__(kRowThreads) batch_hard_row_stats_kernel(const
   }
   sq = warp_sum(sq);
   if (lane == 0) {
-    const float inverse = inverse_norm(sq, kNormEps);
+    const float inverse = inverse_norm(sq, norm_eps<float>());
     p.inv[r] = inverse;
-    p.radial[r] = sqrtf(sq) > kNormEps ? inverse * inverse : 0.f;
+    p.radial[r] = sqrtf(sq) > norm_eps<float>() ? inverse * inverse : 0.f;
     const bool valid = p.pos_idx[r] >= 0 && p.neg_idx[r] >= 0;
     p.weight[r] = batch_hard_anchor_weight(p.grad_loss[r], p.dist_ap[r], p.dist_an[r], p.margin, p.soft_margin, valid);
   }
@@ -184,15 +183,15 @@ __global__ void __launch_bounds__(kBackwardThreads) batch_hard_backward_kernel(c
 template <typename T>
 cudaError_t forward_typed(const BatchHardForwardParams& p, cudaStream_t stream) {
   const dim3 grid(blocks_for(p.n, kTile), p.splits);
-  batch_hard_forward_kernel<T><<<grid, kThreads, 0, stream>>>(p);
-  if (p.splits > 1) batch_hard_merge_kernel<T><<<blocks_for(p.n, 256), 256, 0, stream>>>(p);
+  REID_EXT_LAUNCH(batch_hard_forward_kernel<T>, grid, kThreads, 0, stream, p);
+  if (p.splits > 1) REID_EXT_LAUNCH(batch_hard_merge_kernel<T>, blocks_for(p.n, 256), 256, 0, stream, p);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t backward_typed(const BatchHardBackwardParams& p, cudaStream_t stream) {
-  batch_hard_row_stats_kernel<T><<<blocks_for(p.n, kWarpsPerRowBlock), kRowThreads, 0, stream>>>(p);
-  batch_hard_backward_kernel<T><<<static_cast<unsigned>(p.n), kBackwardThreads, 0, stream>>>(p);
+  REID_EXT_LAUNCH(batch_hard_row_stats_kernel<T>, blocks_for(p.n, kWarpsPerRowBlock), kRowThreads, 0, stream, p);
+  REID_EXT_LAUNCH(batch_hard_backward_kernel<T>, static_cast<unsigned>(p.n), kBackwardThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

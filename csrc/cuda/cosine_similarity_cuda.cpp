@@ -11,7 +11,7 @@ namespace {
 
 void check_cosine(const at::Tensor& x, const c10::optional<at::Tensor>& y, double eps) {
   check_features(x, "x");
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  check_on_device(x, "x");
   scalar_kind(x, "x");
   if (y.has_value()) {
     check_features(*y, "y");
@@ -22,20 +22,20 @@ void check_cosine(const at::Tensor& x, const c10::optional<at::Tensor>& y, doubl
 
 at::Tensor cosine_similarity_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, double eps) {
   check_cosine(x_in, y_in, eps);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.has_value() ? y_in->contiguous() : x;
   at::Tensor out = at::empty({x.size(0), y.size(0)}, x.options());
   const CosineForwardParams params{x.data_ptr(), y.data_ptr(), out.data_ptr(), x.size(0), y.size(0), x.size(1),
                                    static_cast<float>(eps), scalar_kind(x, "x")};
-  C10_CUDA_CHECK(launch_cosine_forward(params, c10::cuda::getCurrentCUDAStream()));
+  check_launch(launch_cosine_forward(params, current_stream()));
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                                    const c10::optional<at::Tensor>& y_in, double eps) {
   check_cosine(x_in, y_in, eps);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.has_value() ? y_in->contiguous() : x;
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
@@ -50,23 +50,23 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cuda(const at::Ten
   at::Tensor scratch = at::empty({3 * most + most * d}, x.options().dtype(at::kFloat));
   float* norms = scratch.data_ptr<float>();
   float* product = norms + 3 * most;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = current_stream();
   // Row side: c = G (+ G^T for y = x, whose gradient collects both sides).
   const CosineBackwardParams rows{grad.data_ptr<float>(), m, 1, self, x.data_ptr(), y.data_ptr(), grad_x.data_ptr(),
                                   norms, norms + n, norms + 2 * n, product, n, m, d, static_cast<float>(eps), kind};
-  C10_CUDA_CHECK(launch_cosine_backward(rows, stream));
+  check_launch(launch_cosine_backward(rows, stream));
   if (!self) {  // stream order: the column side reuses the scratch after the row side is done with it
     const CosineBackwardParams cols{grad.data_ptr<float>(), 1, m, false, y.data_ptr(), x.data_ptr(),
                                     grad_y.data_ptr(), norms, norms + m, norms + 2 * m, product, m, n, d,
                                     static_cast<float>(eps), kind};
-    C10_CUDA_CHECK(launch_cosine_backward(cols, stream));
+    check_launch(launch_cosine_backward(cols, stream));
   }
   return {grad_x, grad_y};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reid_ext, CUDA, m) {
+REID_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("cosine_similarity", &cosine_similarity_cuda);
   m.impl("_cosine_similarity_backward", &cosine_similarity_backward_cuda);
 }

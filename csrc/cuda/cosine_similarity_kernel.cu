@@ -6,7 +6,7 @@
 // with one block per 64 rows x 64 feature columns streaming 64-column tiles of
 // c, then the normalization Jacobian grad_a[i] = inv_a[i] (p_i - an_i (an_i . p_i))
 // one warp per row (the radial term needs no S).
-#include "cuda/tile_gemm.cuh"
+#include "cuda/device.cuh"
 
 namespace reid_ext {
 namespace cuda {
@@ -101,7 +101,7 @@ __global__ void cosine_backward_finish_kernel(const CosineBackwardParams p) {
 template <typename T>
 cudaError_t forward_typed(const CosineForwardParams& p, cudaStream_t stream) {
   const dim3 grid(blocks_for(p.m, kTile), blocks_for(p.n, kTile));
-  cosine_forward_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  REID_EXT_LAUNCH(cosine_forward_kernel<T>, grid, kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
@@ -110,8 +110,8 @@ cudaError_t backward_typed(const CosineBackwardParams& p, cudaStream_t stream) {
   launch_row_norms<T>(p.a, p.rows, p.d, p.eps, p.inv_a, p.radial_a, stream);
   launch_row_norms<T>(p.b, p.cols, p.d, p.eps, p.inv_b, nullptr, stream);
   const dim3 grid(blocks_for(p.d, kTile), blocks_for(p.rows, kTile));
-  cosine_backward_product_kernel<T><<<grid, kThreads, 0, stream>>>(p);
-  cosine_backward_finish_kernel<T><<<blocks_for(p.rows, kWarpsPerRowBlock), kRowThreads, 0, stream>>>(p);
+  REID_EXT_LAUNCH(cosine_backward_product_kernel<T>, grid, kThreads, 0, stream, p);
+  REID_EXT_LAUNCH(cosine_backward_finish_kernel<T>, blocks_for(p.rows, kWarpsPerRowBlock), kRowThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_glue.h"
-#include "cuda/family_launch.h"
 
 namespace reid_ext {
 namespace cuda {
@@ -25,7 +24,7 @@ struct Prepared {
 Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels_in, double scale,
                  double margin, double label_smoothing) {
   check_cosine_softmax_inputs(x_in, weight_in, labels_in, scale, label_smoothing);
-  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
+  check_on_device(x_in, "x");
   const ScalarKind kind = scalar_kind(x_in, "x");
   Prepared pr;
   pr.x = x_in.contiguous();
@@ -58,12 +57,12 @@ Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::
 std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                             const at::Tensor& labels, double scale, double margin,
                                                             double label_smoothing) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const Prepared pr = prepare(x, weight, labels, scale, margin, label_smoothing);
   at::Tensor loss = at::empty({pr.params.n}, pr.x.options());
   at::Tensor lse = at::empty({pr.params.n}, pr.x.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(launch_cosine_softmax_forward(pr.params, loss.data_ptr(), lse.data_ptr<float>(),
-                                               c10::cuda::getCurrentCUDAStream()));
+  check_launch(launch_cosine_softmax_forward(pr.params, loss.data_ptr(), lse.data_ptr<float>(),
+                                               current_stream()));
   return {loss, lse};
 }
 
@@ -73,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cuda(
     bool weight_requires_grad) {
   check_per_row(grad_loss, "grad_loss", x_in);
   check_per_row(lse_in, "lse", x_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const Prepared pr = prepare(x_in, weight_in, labels, scale, margin, label_smoothing);
   const CosineSoftmaxParams& p = pr.params;
   const at::Tensor empty = at::empty({0, p.d}, pr.x.options());
@@ -86,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cuda(
   at::Tensor coef = at::empty({p.n, p.c}, float_options);
   at::Tensor row_sum = at::empty({p.n}, float_options);
   at::Tensor col_sum = at::empty({weight_requires_grad ? p.c : 0}, float_options);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(launch_cosine_softmax_coefficients(p, grad.data_ptr<float>(), lse.data_ptr<float>(),
+  const auto stream = current_stream();
+  check_launch(launch_cosine_softmax_coefficients(p, grad.data_ptr<float>(), lse.data_ptr<float>(),
                                                     coef.data_ptr<float>(), row_sum.data_ptr<float>(),
                                                     weight_requires_grad ? col_sum.data_ptr<float>() : nullptr,
                                                     stream));
@@ -95,13 +94,13 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cuda(
   if (x_requires_grad) {
     const at::Tensor acc = at::mm(coef, pr.weight_float);
     grad_x = at::empty_like(pr.x);
-    C10_CUDA_CHECK(launch_cosine_softmax_finish(p, true, acc.data_ptr<float>(), row_sum.data_ptr<float>(),
+    check_launch(launch_cosine_softmax_finish(p, true, acc.data_ptr<float>(), row_sum.data_ptr<float>(),
                                                 grad_x.data_ptr(), stream));
   }
   if (weight_requires_grad) {
     const at::Tensor acc = at::mm(coef.t(), pr.x_float);
     grad_w = at::empty_like(pr.weight);
-    C10_CUDA_CHECK(launch_cosine_softmax_finish(p, false, acc.data_ptr<float>(), col_sum.data_ptr<float>(),
+    check_launch(launch_cosine_softmax_finish(p, false, acc.data_ptr<float>(), col_sum.data_ptr<float>(),
                                                 grad_w.data_ptr(), stream));
   }
   return {grad_x, grad_w};
@@ -109,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reid_ext, CUDA, m) {
+REID_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("cosine_softmax_loss", &cosine_softmax_loss_cuda);
   m.impl("_cosine_softmax_loss_backward", &cosine_softmax_loss_backward_cuda);
 }

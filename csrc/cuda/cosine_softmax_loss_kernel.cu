@@ -12,8 +12,7 @@
 // fixed order: deterministic, no atomics.
 #include <algorithm>
 
-#include "cuda/family_launch.h"
-#include "cuda/family_tiles.cuh"
+#include "cuda/device.cuh"
 
 namespace reid_ext {
 namespace cuda {
@@ -105,15 +104,14 @@ __global__ void __launch_bounds__(kFinishThreads)
 
 template <typename T>
 void row_norms(const CosineSoftmaxParams& p, cudaStream_t stream) {
-  launch_row_norms<T>(p.x, p.n, p.d, kNormEps, p.inv_x, p.radial_x, stream);
-  launch_row_norms<T>(p.weight, p.c, p.d, kNormEps, p.inv_w, p.radial_w, stream);
+  launch_row_norms<T>(p.x, p.n, p.d, norm_eps<float>(), p.inv_x, p.radial_x, stream);
+  launch_row_norms<T>(p.weight, p.c, p.d, norm_eps<float>(), p.inv_w, p.radial_w, stream);
 }
 
 template <typename T>
 cudaError_t forward_typed(const CosineSoftmaxParams& p, void* loss, float* lse, cudaStream_t stream) {
   row_norms<T>(p, stream);
-  cosine_softmax_forward_kernel<T><<<static_cast<unsigned>(p.n), kRowThreads, 0, stream>>>(p, static_cast<T*>(loss),
-                                                                                         lse);
+  REID_EXT_LAUNCH(cosine_softmax_forward_kernel<T>, static_cast<unsigned>(p.n), kRowThreads, 0, stream, p, static_cast<T*>(loss), lse);
   return cudaGetLastError();
 }
 
@@ -121,10 +119,9 @@ template <typename T>
 cudaError_t coefficients_typed(const CosineSoftmaxParams& p, const float* grad_loss, const float* lse, float* coef,
                                float* row_sum, float* col_sum, cudaStream_t stream) {
   row_norms<T>(p, stream);
-  cosine_softmax_coef_kernel<T><<<static_cast<unsigned>(p.n), kRowThreads, 0, stream>>>(p, grad_loss, lse, coef,
-                                                                                      row_sum);
+  REID_EXT_LAUNCH(cosine_softmax_coef_kernel<T>, static_cast<unsigned>(p.n), kRowThreads, 0, stream, p, grad_loss, lse, coef, row_sum);
   if (col_sum != nullptr && p.c > 0) {
-    cosine_softmax_col_sum_kernel<<<blocks_for(p.c, kColumnThreads), kColumnThreads, 0, stream>>>(p, coef, col_sum);
+    REID_EXT_LAUNCH(cosine_softmax_col_sum_kernel, blocks_for(p.c, kColumnThreads), kColumnThreads, 0, stream, p, coef, col_sum);
   }
   return cudaGetLastError();
 }
@@ -138,8 +135,7 @@ cudaError_t finish_typed(const CosineSoftmaxParams& p, bool rows_are_anchors, co
   const float* radial = rows_are_anchors ? p.radial_x : p.radial_w;
   // Enough blocks to cover the GPU; the grid-stride loop takes the rest.
   const int blocks = static_cast<int>(std::min<int64_t>(blocks_for(count * p.d, kFinishThreads), 4096));
-  cosine_softmax_finish_kernel<T><<<blocks, kFinishThreads, 0, stream>>>(rows, count, p.d, acc, radial, sums,
-                                                                        static_cast<T*>(out));
+  REID_EXT_LAUNCH(cosine_softmax_finish_kernel<T>, blocks, kFinishThreads, 0, stream, rows, count, p.d, acc, radial, sums, static_cast<T*>(out));
   return cudaGetLastError();
 }
 

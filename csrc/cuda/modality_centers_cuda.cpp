@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_glue.h"
-#include "cuda/family_launch.h"
 
 namespace reid_ext {
 namespace cuda {
@@ -30,9 +29,9 @@ CentersParams params_of(const at::Tensor& x, const at::Tensor& group, int64_t nu
 std::tuple<at::Tensor, at::Tensor> modality_centers_cuda(const at::Tensor& x_in, const at::Tensor& group_in,
                                                          int64_t num_groups, bool normalize) {
   check_center_inputs(x_in, group_in, num_groups);
-  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
+  check_on_device(x_in, "x");
   scalar_kind(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor group = group_in.to(at::kLong).contiguous();
   // Rows grouped by id: the stable sort keeps each group's rows in increasing order, and
@@ -47,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> modality_centers_cuda(const at::Tensor& x_in,
   p.offsets = offsets.data_ptr<int64_t>();
   p.members = members.data_ptr<int64_t>();
   p.inv = normalize ? inv.data_ptr<float>() : nullptr;
-  C10_CUDA_CHECK(launch_centers_forward(p, centers.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  check_launch(launch_centers_forward(p, centers.data_ptr(), current_stream()));
   return {centers, counts};
 }
 
@@ -60,11 +59,11 @@ at::Tensor modality_centers_backward_cuda(const at::Tensor& grad_centers_in, con
                   grad_centers_in.size(1) == x_in.size(1),
               "grad_centers must be Tensor[G, D] = [", num_groups, ", ", x_in.size(1), "], got shape ",
               grad_centers_in.sizes());
-  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
+  check_on_device(x_in, "x");
   TORCH_CHECK(counts_in.device() == x_in.device() && grad_centers_in.device() == x_in.device(),
               "counts and grad_centers must be on ", x_in.device());
   scalar_kind(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor group = group_in.to(at::kLong).contiguous();
   const at::Tensor counts = counts_in.to(at::kLong).contiguous();
@@ -72,14 +71,14 @@ at::Tensor modality_centers_backward_cuda(const at::Tensor& grad_centers_in, con
   at::Tensor grad_x = at::empty_like(x);
   CentersParams p = params_of(x, group, num_groups, normalize);
   p.counts = counts.data_ptr<int64_t>();
-  C10_CUDA_CHECK(launch_centers_backward(p, grad_centers.data_ptr<float>(), grad_x.data_ptr(),
-                                         c10::cuda::getCurrentCUDAStream()));
+  check_launch(launch_centers_backward(p, grad_centers.data_ptr<float>(), grad_x.data_ptr(),
+                                         current_stream()));
   return grad_x;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reid_ext, CUDA, m) {
+REID_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("modality_centers", &modality_centers_cuda);
   m.impl("_modality_centers_backward", &modality_centers_backward_cuda);
 }

@@ -5,8 +5,7 @@
 // bitwise deterministic, no atomics. Backward: each row reads only its own
 // group's gradient; one warp per row takes the dot product the normalization's
 // Jacobian needs, in a fixed order.
-#include "cuda/family_launch.h"
-#include "cuda/family_tiles.cuh"
+#include "cuda/device.cuh"
 
 namespace reid_ext {
 namespace cuda {
@@ -63,24 +62,23 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   sq = warp_sum(sq);
   dot = warp_sum(dot);
-  const float inv = inverse_norm(sq, kNormEps);
-  const float radial = sqrtf(sq) > kNormEps ? inv * inv : 0.f;
+  const float inv = inverse_norm(sq, norm_eps<float>());
+  const float radial = sqrtf(sq) > norm_eps<float>() ? inv * inv : 0.f;
   const float along = share * inv, shrink = share * radial * inv * dot;
   for (int64_t k = lane; k < p.d; k += kWarp) store_float(out + k, along * v[k] - shrink * load_float(x + k));
 }
 
 template <typename T>
 cudaError_t forward_typed(const CentersParams& p, void* centers, cudaStream_t stream) {
-  if (p.normalize) launch_row_norms<T>(p.x, p.n, p.d, kNormEps, p.inv, nullptr, stream);
+  if (p.normalize) launch_row_norms<T>(p.x, p.n, p.d, norm_eps<float>(), p.inv, nullptr, stream);
   const dim3 grid(static_cast<unsigned>(p.num_groups), blocks_for(p.d, kColumnThreads));
-  centers_forward_kernel<T><<<grid, kColumnThreads, 0, stream>>>(p, static_cast<T*>(centers));
+  REID_EXT_LAUNCH(centers_forward_kernel<T>, grid, kColumnThreads, 0, stream, p, static_cast<T*>(centers));
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t backward_typed(const CentersParams& p, const float* grad_centers, void* grad_x, cudaStream_t stream) {
-  centers_backward_kernel<T><<<blocks_for(p.n, kWarpsPerRowBlock), kRowThreads, 0, stream>>>(
-      p, grad_centers, static_cast<T*>(grad_x));
+  REID_EXT_LAUNCH(centers_backward_kernel<T>, blocks_for(p.n, kWarpsPerRowBlock), kRowThreads, 0, stream, p, grad_centers, static_cast<T*>(grad_x));
   return cudaGetLastError();
 }
 

@@ -22,7 +22,7 @@ UnifiedInputs check_cuda_inputs(const at::Tensor& x, const at::Tensor& labels,
                                 const c10::optional<at::Tensor>& modalities, const c10::optional<at::Tensor>& ref,
                                 const c10::optional<at::Tensor>& ref_labels,
                                 const c10::optional<at::Tensor>& ref_modalities, double gamma, int64_t mode) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
+  check_on_device(x, "x");
   scalar_kind(x, "x");
   return check_unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
 }
@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_
     const at::Tensor& x, const at::Tensor& labels, const c10::optional<at::Tensor>& modalities,
     const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& ref_labels,
     const c10::optional<at::Tensor>& ref_modalities, double gamma, double margin, int64_t mode) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const UnifiedInputs in = check_cuda_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
   const int64_t n = in.x.size(0), m = in.ref.size(0);
   const auto stats_options = in.x.options().dtype(at::kFloat);
@@ -54,8 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_
   const UnifiedForwardParams params{loss.data_ptr(), valid.data_ptr<bool>(), lse_neg.data_ptr<float>(),
                                     lse_pos.data_ptr<float>(), splits > 1 ? partial.data_ptr<float>() : nullptr,
                                     splits};
-  C10_CUDA_CHECK(launch_unified_forward(problem_of(in, gamma, margin, mode), params,
-                                        c10::cuda::getCurrentCUDAStream()));
+  check_launch(launch_unified_forward(problem_of(in, gamma, margin, mode), params,
+                                        current_stream()));
   return {loss, valid, lse_neg, lse_pos};
 }
 
@@ -72,7 +72,7 @@ at::Tensor backward_side(const UnifiedInputs& in, const UnifiedProblem& problem,
   const UnifiedBackwardParams params{grad_loss.data_ptr<float>(), valid.data_ptr<bool>(), lse_neg.data_ptr<float>(),
                                      lse_pos.data_ptr<float>(),   rows_are_anchors,      partial_grad.data_ptr<float>(),
                                      partial_radial.data_ptr<float>(), splits,            grad.data_ptr()};
-  C10_CUDA_CHECK(launch_unified_backward(problem, params, c10::cuda::getCurrentCUDAStream()));
+  check_launch(launch_unified_backward(problem, params, current_stream()));
   return grad;
 }
 
@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cuda(
     const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& ref_modalities,
     const at::Tensor& valid, const at::Tensor& lse_neg, const at::Tensor& lse_pos, double gamma, double margin,
     int64_t mode, bool ref_requires_grad) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const UnifiedInputs in = check_cuda_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
   const int64_t n = in.x.size(0);
   for (const auto* t : {&grad_loss, &valid, &lse_neg, &lse_pos}) {
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reid_ext, CUDA, m) {
+REID_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("unified_triplet_loss", &unified_triplet_loss_cuda);
   m.impl("_unified_triplet_loss_backward", &unified_triplet_loss_backward_cuda);
 }

@@ -8,7 +8,7 @@
 // dL/dS with the saved statistics, and multiplied back by the other side's
 // features; per-split partial gradients are summed in a fixed order with the
 // normalization Jacobian applied. Nothing of size N x M is ever stored.
-#include "cuda/tile_gemm.cuh"
+#include "cuda/device.cuh"
 
 namespace reid_ext {
 namespace cuda {
@@ -69,14 +69,14 @@ __global__ void __launch_bounds__(kThreads)
     for (int u = 0; u < kMicro; ++u) {
       const int64_t i = i0 + ty * kMicro + u;
       if (i >= pb.n) continue;
-      const float inv_i = inverse_norm(tile.sq_a[ty * kMicro + u], kNormEps);
+      const float inv_i = inverse_norm(tile.sq_a[ty * kMicro + u], norm_eps<float>());
 #pragma unroll
       for (int v = 0; v < kMicro; ++v) {
         const int64_t j = j0 + tx * kMicro + v;
         if (j >= pb.m) continue;
         const int kind = rule.kind(i, j);
         if (kind == 0) continue;
-        const float s = acc[u][v] * inv_i * inverse_norm(tile.sq_b[tx * kMicro + v], kNormEps);
+        const float s = acc[u][v] * inv_i * inverse_norm(tile.sq_b[tx * kMicro + v], norm_eps<float>());
         if (kind < 0) {
           neg[u].push(pb.gamma * (s + pb.margin));
           has_neg[u] = true;
@@ -180,8 +180,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t j = j0 + c;
         float value = 0.f;
         if (i < rows && j < cols) {
-          const float inv_j = inverse_norm(tile.sq_b[c], kNormEps);
-          const float s = acc[u][v] * inverse_norm(tile.sq_a[r], kNormEps) * inv_j;
+          const float inv_j = inverse_norm(tile.sq_b[c], norm_eps<float>());
+          const float s = acc[u][v] * inverse_norm(tile.sq_a[r], norm_eps<float>()) * inv_j;
           float g;
           if (!anchors) {
             g = stats.pair_grad(rule.kind(j, i), j, s);
@@ -258,8 +258,8 @@ __global__ void unified_backward_finish_kernel(const UnifiedProblem pb, const Un
   __syncthreads();
   float total_sq = 0.f;
   for (int w = 0; w < kThreads / 32; ++w) total_sq += warp_sums[w];
-  const float inv = inverse_norm(total_sq, kNormEps);
-  const float radial_scale = sqrtf(total_sq) > kNormEps ? inv * inv : 0.f;
+  const float inv = inverse_norm(total_sq, norm_eps<float>());
+  const float radial_scale = sqrtf(total_sq) > norm_eps<float>() ? inv * inv : 0.f;
   float radial = 0.f;
   for (int s = 0; s < p.splits; ++s) radial += p.partial_radial[static_cast<int64_t>(s) * rows + i];
   T* grad = static_cast<T*>(p.grad);
@@ -273,8 +273,8 @@ __global__ void unified_backward_finish_kernel(const UnifiedProblem pb, const Un
 template <typename T>
 cudaError_t forward_typed(const UnifiedProblem& pb, const UnifiedForwardParams& p, cudaStream_t stream) {
   const dim3 grid(blocks_for(pb.n, kTile), p.splits);
-  unified_forward_kernel<T><<<grid, kThreads, 0, stream>>>(pb, p);
-  if (p.splits > 1) unified_forward_merge_kernel<T><<<blocks_for(pb.n, 256), 256, 0, stream>>>(pb, p);
+  REID_EXT_LAUNCH(unified_forward_kernel<T>, grid, kThreads, 0, stream, pb, p);
+  if (p.splits > 1) REID_EXT_LAUNCH(unified_forward_merge_kernel<T>, blocks_for(pb.n, 256), 256, 0, stream, pb, p);
   return cudaGetLastError();
 }
 
@@ -282,8 +282,8 @@ template <typename T>
 cudaError_t backward_typed(const UnifiedProblem& pb, const UnifiedBackwardParams& p, cudaStream_t stream) {
   const int64_t rows = p.rows_are_anchors ? pb.n : pb.m;
   const dim3 grid(blocks_for(rows, kTile), p.splits);
-  unified_backward_kernel<T><<<grid, kThreads, 0, stream>>>(pb, p);
-  unified_backward_finish_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(pb, p);
+  REID_EXT_LAUNCH(unified_backward_kernel<T>, grid, kThreads, 0, stream, pb, p);
+  REID_EXT_LAUNCH(unified_backward_finish_kernel<T>, static_cast<unsigned>(rows), kThreads, 0, stream, pb, p);
   return cudaGetLastError();
 }
 

@@ -1,6 +1,7 @@
-// Device building blocks of the fused kernels: dtype conversion, a 64 x 64
-// tile of dot products with the squared norms of its rows, and reductions
-// across the 16 lanes that share a tile row.
+// Device building blocks of the fused kernels: the launch helper, dtype
+// conversion, a 64 x 64 tile of dot products with the squared norms of its rows,
+// per-row norms, and fixed-order reductions across lanes, warps and blocks (the
+// same inputs give bitwise the same result on every run).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,7 +9,17 @@
 #include <cuda_runtime.h>
 
 #include "common.h"
-#include "cuda/launch.h"
+#include "cuda/params.h"
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...) under nvcc; the emulated-GPU
+// build (tools/cudasim) runs the same kernel on CPU threads and records its name.
+#ifdef REID_EXT_CUDASIM
+#define REID_EXT_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  ::cudasim::launch(#kernel, kernel, grid, block, shared_bytes, stream, __VA_ARGS__)
+#else
+#define REID_EXT_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
+#endif
 
 namespace reid_ext {
 namespace cuda {
@@ -16,7 +27,8 @@ namespace cuda {
 constexpr int kTileK = 16;    // depth of one shared-memory stage
 constexpr int kThreads = 256;  // 16 x 16 threads, each owning 4 rows x 4 columns of a tile
 constexpr int kMicro = 4;
-constexpr float kNormEps = 1e-12f;
+
+inline int blocks_for(int64_t count, int per_block) { return static_cast<int>((count + per_block - 1) / per_block); }
 
 template <typename T>
 __device__ __forceinline__ float load_float(const T* p);
@@ -129,8 +141,8 @@ template <typename T>
 void launch_row_norms(const void* v, int64_t rows, int64_t d, float eps, float* inv, float* radial,
                       cudaStream_t stream) {
   if (rows == 0) return;
-  row_norms_kernel<T><<<(rows + kWarpsPerRowBlock - 1) / kWarpsPerRowBlock, kRowThreads, 0, stream>>>(
-      static_cast<const T*>(v), rows, d, eps, inv, radial);
+  REID_EXT_LAUNCH(row_norms_kernel<T>, blocks_for(rows, kWarpsPerRowBlock), kRowThreads, 0, stream,
+                  static_cast<const T*>(v), rows, d, eps, inv, radial);
 }
 
 // launch(T{}) with T the element type of `kind`: the launchers' dtype dispatch.
@@ -168,7 +180,41 @@ __device__ __forceinline__ void row_lanes_merge(OnlineLSE<float>& s) {
   }
 }
 
-inline int blocks_for(int64_t count, int per_block) { return static_cast<int>((count + per_block - 1) / per_block); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// Sum over a block of kRowThreads threads: warps in a fixed butterfly, then the warp totals in
+// warp order. Every thread must call it; every thread gets the total. `scratch` holds
+// kWarpsPerRowBlock floats and may be reused right after the call returns.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  __syncthreads();  // an earlier call's readers are done with scratch
+  if (threadIdx.x % kWarp == 0) scratch[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarpsPerRowBlock; ++w) total += scratch[w];
+  return total;
+}
+
+// Online log-sum-exp merged over a block, in the same fixed order as block_sum.
+__device__ __forceinline__ OnlineLSE<float> block_lse(OnlineLSE<float> s, float* scratch_max, float* scratch_sum) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    const float other_max = __shfl_xor_sync(0xffffffffu, s.max, offset);
+    const float other_sum = __shfl_xor_sync(0xffffffffu, s.sum, offset);
+    s.merge(other_max, other_sum);
+  }
+  __syncthreads();
+  if (threadIdx.x % kWarp == 0) {
+    scratch_max[threadIdx.x / kWarp] = s.max;
+    scratch_sum[threadIdx.x / kWarp] = s.sum;
+  }
+  __syncthreads();
+  OnlineLSE<float> total;
+#pragma unroll
+  for (int w = 0; w < kWarpsPerRowBlock; ++w) total.merge(scratch_max[w], scratch_sum[w]);
+  return total;
+}
 
 }  // namespace cuda
 }  // namespace reid_ext
