@@ -195,9 +195,10 @@ def test_centers_order_and_dtypes():
 @pytest.mark.parametrize("normalize", [True, False])
 def test_centers_are_bitwise_deterministic(device, normalize):
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(3000, 96, generator=gen).to(torch_device(device)).requires_grad_(True)
-    labels = torch.randint(0, 40, (3000,), generator=gen).to(torch_device(device))
-    modalities = torch.randint(0, 3, (3000,), generator=gen).to(torch_device(device))
+    n = 300 if device.name == "cudasim" else 3000  # the emulated GPU runs a thread per CUDA thread
+    x = torch.randn(n, 96, generator=gen).to(torch_device(device)).requires_grad_(True)
+    labels = torch.randint(0, 40, (n,), generator=gen).to(torch_device(device))
+    modalities = torch.randint(0, 3, (n,), generator=gen).to(torch_device(device))
     runs = []
     threads = torch.get_num_threads()
     try:
@@ -375,10 +376,10 @@ def test_cosine_softmax_label_out_of_range():
         reid_ext.cosine_softmax_loss(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 5]))
 
 
-@CUDA
-def test_cosine_softmax_label_out_of_range_is_nan_on_cuda():
-    loss = reid_ext.cosine_softmax_loss(torch.randn(2, 3, device="cuda"), torch.randn(5, 3, device="cuda"),
-                                        torch.tensor([0, 5], device="cuda"), reduction="none")
+def test_cosine_softmax_label_out_of_range_is_nan_on_cuda(cuda_device):
+    on = cuda_device.torch
+    loss = reid_ext.cosine_softmax_loss(torch.randn(2, 3, device=on), torch.randn(5, 3, device=on),
+                                        torch.tensor([0, 5], device=on), reduction="none")
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
 
 
@@ -524,9 +525,8 @@ def test_torch_compile_fullgraph(device, gen):
 # ---------------------------------------------------------------- CUDA
 
 
-@CUDA
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_error_within_twice_eager(dtype, gen):
+def test_half_precision_error_within_twice_eager(cuda_device, dtype, gen):
     # The exact values: float64 on the CPU (the ops take float32/16/bfloat16 on CUDA).
     x64 = features(128, 64, gen, "cpu", torch.float64)
     labels = torch.arange(128) // 4
@@ -546,12 +546,12 @@ def test_half_precision_error_within_twice_eager(dtype, gen):
     def err(a, b):
         return (a.cpu().double() - b).abs().max().item()
 
-    gpu = labels.cuda(), modalities.cuda()
+    gpu = labels.to(cuda_device.torch), modalities.to(cuda_device.torch)
     for name, fn, with_weight in cases:
         inputs64 = [x64, weight64] if with_weight else [x64]
         (exact, *_), exact_grads = value_and_grads(fn, inputs64, x64, weight64, labels, modalities, reference)
-        x = x64.detach().to("cuda", dtype).requires_grad_(True)
-        w = weight64.detach().to("cuda", dtype).requires_grad_(True)
+        x = x64.detach().to(cuda_device.torch, dtype).requires_grad_(True)
+        w = weight64.detach().to(cuda_device.torch, dtype).requires_grad_(True)
         inputs = [x, w] if with_weight else [x]
         (ours, *_), ours_grads = value_and_grads(fn, inputs, x, w, *gpu, reid_ext)
         (eager, *_), eager_grads = value_and_grads(fn, inputs, x, w, *gpu, reference)

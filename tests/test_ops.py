@@ -360,17 +360,16 @@ def test_torch_compile_inductor_cpu(gen):
 # ---------------------------------------------------------------- half precision on CUDA
 
 
-@CUDA
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_error_within_twice_eager(dtype, gen):
+def test_half_precision_error_within_twice_eager(cuda_device, dtype, gen):
     # float64 is a CPU dtype here: the exact values come from the CPU reference.
     x64, labels, modalities = unified_case(128, 64, gen, "cpu", "pk", "cross", torch.float64)
     kwargs = dict(modalities=modalities, mode="cross", reduction="none")
     exact, exact_grad = value_and_grads(reference.unified_triplet_loss, [x64], x64, labels, **kwargs)
-    x = x64.detach().to("cuda", dtype).requires_grad_(True)
-    cuda_kwargs = dict(kwargs, modalities=modalities.cuda())
-    ours, ours_grad = value_and_grads(reid_ext.unified_triplet_loss, [x], x, labels.cuda(), **cuda_kwargs)
-    eager, eager_grad = value_and_grads(reference.unified_triplet_loss, [x], x, labels.cuda(), **cuda_kwargs)
+    x = x64.detach().to(cuda_device.torch, dtype).requires_grad_(True)
+    cuda_kwargs = dict(kwargs, modalities=modalities.to(cuda_device.torch))
+    ours, ours_grad = value_and_grads(reid_ext.unified_triplet_loss, [x], x, labels.to(cuda_device.torch), **cuda_kwargs)
+    eager, eager_grad = value_and_grads(reference.unified_triplet_loss, [x], x, labels.to(cuda_device.torch), **cuda_kwargs)
 
     def err(a, b):
         return (a.double().cpu() - b).abs().max().item()

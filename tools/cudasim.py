@@ -69,14 +69,18 @@ def sanitizer_from_environment() -> Optional[str]:
     return value
 
 
-def sanitizer_runtime(sanitizer: str) -> str:
-    """The path of the sanitizer's shared runtime, as the host compiler has it."""
-    name = SANITIZERS[sanitizer]["runtime"]
+def _compiler_file(name: str) -> str:
+    """The path of one of the host compiler's runtime libraries."""
     path = subprocess.run([_compiler(), f"-print-file-name={name}"], capture_output=True, text=True,
                           check=True).stdout.strip()
     if not os.path.isabs(path):
-        raise RuntimeError(f"the host compiler has no {name}: install its sanitizer runtime")
-    return path
+        raise RuntimeError(f"the host compiler has no {name}: install its runtime (e.g. its sanitizer package)")
+    return os.path.realpath(path)
+
+
+def sanitizer_runtime(sanitizer: str) -> str:
+    """The path of the sanitizer's shared runtime, as the host compiler has it."""
+    return _compiler_file(SANITIZERS[sanitizer]["runtime"])
 
 
 def environment(sanitizer: Optional[str]) -> dict:
@@ -86,7 +90,9 @@ def environment(sanitizer: Optional[str]) -> dict:
         env.pop(SANITIZER_VARIABLE, None)
         return env
     env[SANITIZER_VARIABLE] = sanitizer
-    env["LD_PRELOAD"] = sanitizer_runtime(sanitizer)
+    # libstdc++ with it: the sanitizer intercepts __cxa_throw (the emulator ends failed threads by
+    # throwing) only if libstdc++ is loaded when it starts, which Python alone does not do.
+    env["LD_PRELOAD"] = " ".join([sanitizer_runtime(sanitizer), _compiler_file("libstdc++.so")])
     env.update(SANITIZERS[sanitizer]["options"])
     return env
 
