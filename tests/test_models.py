@@ -224,3 +224,10 @@ def test_unknown_recipe_and_preset():
         build_recipe("arcface")
     with pytest.raises(ValueError, match="preset"):
         build_mgn("huge", 10)
+
+
+def test_ubat_is_credited_to_its_authors():
+    from reid_ext.models import recipes, ubat
+
+    for doc in (recipes.__doc__, ubat.__doc__):
+        assert "Li, Qi, Chen and Zhou" in doc and "2103.04607" in doc and "Kim" not in doc
