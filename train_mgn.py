@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Train MGN for person re-identification with reid-ext's losses.
+"""Train MGN (or the UBAT network) for person re-identification with reid-ext's losses.
 
-    python train_mgn.py                      # synthetic data, CPU preset, CPU: a few minutes
+    python train_mgn.py                      # MGN, synthetic data, CPU preset, CPU: a few minutes
     python train_mgn.py --dataset market1501 --data-root data/Market-1501-v15.09.15 \\
         --preset paper --backbone-weights resnet50-0676ba61.pth
     torchrun --nproc_per_node 4 train_mgn.py --dataset sysu-mm01 --data-root data/SYSU-MM01 \\
-        --preset paper --recipe ubat --global-mining --backbone-weights resnet50-0676ba61.pth
+        --model ubat --preset paper --global-mining --backbone-weights resnet50-0676ba61.pth
 
 The output directory gets checkpoint.pt (written atomically after every epoch;
 ``--resume`` continues from it exactly), metrics.jsonl (one JSON object per
@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -41,7 +42,7 @@ from reid_ext.data import (
     make_synthetic,
 )
 from reid_ext.evaluation import evaluate_dataset
-from reid_ext.models import PRESETS, build_mgn, build_recipe, load_backbone_weights
+from reid_ext.models import MODELS, PRESETS, build_model, build_recipe, load_backbone_weights
 
 DATASETS = ("synthetic", "synthetic-vi", "market1501", "sysu-mm01", "regdb")
 
@@ -59,6 +60,15 @@ TRAIN_DEFAULTS = {
     ),
 }
 METRIC_KEYS = ("rank1", "mAP", "mINP")
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "history", "initial", "train_seconds", "args")
+# Arguments a resumed run may change: how long it trains, how often it evaluates, where its
+# files are, how it runs. Every other one shapes the model, the data or the optimisation.
+RESUME_MAY_CHANGE = frozenset((
+    "epochs", "eval_every", "eval_batch_size", "output_dir", "resume", "eval_only", "threads", "workers", "device",
+    "data_root", "backbone_weights",
+))
+# --eval-only only needs the same network.
+EVAL_MUST_MATCH = ("model", "mgn_triplet_on", "preset", "input_size")
 PROGRESS_EVERY = 5  # steps between progress-bar updates (each one synchronises with the device)
 
 
@@ -88,13 +98,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="data loader processes (default: 0 for synthetic data, 4 otherwise)")
 
     model = p.add_argument_group("model")
+    model.add_argument("--model", choices=sorted(MODELS), default="mgn",
+                       help="mgn (Wang et al. 2018) or ubat (a shared ResNet-50 with one embedding, Li et al. 2021; "
+                            "default: mgn)")
+    model.add_argument("--mgn-triplet-on", choices=("reduced", "pooled"),
+                       help="mgn: 'reduced' (the paper, the default: triplet on the 3 reduced global features, "
+                            "softmax on the 3 pooled ones and the 5 parts) or 'pooled' (a variant: triplet on the 3 "
+                            "pooled global features, softmax on all 8 reduced ones)")
     model.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                       help="model size: 'paper' (ResNet-50, 384x128) or 'cpu' (1/8 width, 96x32; the default)")
+                       help="model size: 'paper' (ResNet-50, 256-d reductions, 384x128) or 'cpu' (1/8 width, "
+                            "64-d reductions, 96x32; the default)")
     model.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="override the preset's input size")
     model.add_argument("--backbone-weights", help="local torchvision ResNet-50 state dict (e.g. ImageNet weights)")
 
     train = p.add_argument_group("training (unset values come from the --preset's defaults, listed below)")
-    train.add_argument("--recipe", choices=("mgn", "ubat"), default="mgn", help="loss recipe (default: mgn)")
+    train.add_argument("--recipe", choices=("mgn", "ubat"), help="loss recipe (default: the --model's name)")
     train.add_argument("--margin", type=float,
                        help="triplet margin (default: 1.2 for mgn's batch-hard loss, 0.25 for ubat's unified loss)")
     train.add_argument("--cos-scale", type=float, default=16.0, help="ubat: cosine-softmax scale (default: 16)")
@@ -137,8 +155,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.input_size is None:
         args.input_size = list(PRESETS[args.preset].input_size)
+    if args.recipe is None:
+        args.recipe = MODELS[args.model][1]
+    if args.model == "mgn" and args.mgn_triplet_on is None:
+        args.mgn_triplet_on = "reduced"
+    elif args.model != "mgn" and args.mgn_triplet_on is not None:
+        p.error(f"--mgn-triplet-on is an option of --model mgn, not of --model {args.model}")
     if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"mgn-{args.dataset}")
+        args.output_dir = os.path.join("runs", f"{args.model}-{args.dataset}")
     if args.margin is None:
         args.margin = 1.2 if args.recipe == "mgn" else 0.25
     if args.threads is None:
@@ -149,6 +173,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--data-root is required for --dataset {args.dataset}")
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
+    if args.eval_every < 1:
+        p.error(f"--eval-every must be >= 1, got {args.eval_every}")
     if args.eval_only and args.resume is None:
         p.error("--eval-only needs --resume [CHECKPOINT]")
     return args
@@ -193,9 +219,12 @@ def load_dataset(args) -> ReIDDataset:
 def make_loaders(args, data: ReIDDataset, rank: int, world_size: int, device: torch.device):
     size = tuple(args.input_size)
     two_modalities = data.num_modalities == 2
-    augment = ReIDTransform(
-        size, train=True, pad=args.pad, erasing_p=args.erasing_p, grayscale_p=0.5 if two_modalities else 0.0
-    )
+    augment = ReIDTransform(size, train=True, pad=args.pad, erasing_p=args.erasing_p)
+    if two_modalities:
+        # Random grayscale (p = 0.5) of visible images, so that colour cannot be all that
+        # identifies a person; infrared images are grey already.
+        augment = {0: ReIDTransform(size, train=True, pad=args.pad, erasing_p=args.erasing_p, grayscale_p=0.5),
+                   1: augment}
     train_set = ImageDataset(data.train, augment, data.images)
     labels = [s.pid for s in data.train]
     if two_modalities:
@@ -249,11 +278,15 @@ def lr_factor(args, progress: float) -> float:
 
 
 def rng_state() -> Dict[str, object]:
+    """The RNG states of torch, CUDA, numpy and Python as tensors and plain data (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
 
 
@@ -261,36 +294,88 @@ def set_rng_state(state: Dict[str, object]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
 
 
-def atomic_write(path: str, write) -> None:
-    """``write(tmp_path)``, then rename over ``path``: readers never see a partial file."""
+def atomic_write(path: str, write, mode: str = "wb") -> None:
+    """``write(file)`` into a temporary file, flushed to disk, then renamed over ``path``.
+
+    Readers never see a partial file, and neither a crash nor a power loss leaves a truncated
+    one under ``path``: the data is on disk before the rename, the rename once the directory is synced.
+    """
     tmp = f"{path}.tmp"
-    write(tmp)
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path: str, state: Dict[str, object]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str) -> Dict[str, object]:
+    """A checkpoint of this trainer, loaded with weights_only=True: a file that holds anything but
+    tensors and plain data is refused before any of it runs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a file that is no zip archive
+        # Not torch's advice to allowlist the object: that is what an attacker would want.
+        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = f"it refers to {foreign.group(1)}, which is not plain data" if foreign else first_line
+        raise SystemExit(
+            f"--resume: {path} is not a checkpoint this trainer can load safely ({reason}); "
+            "checkpoints hold only tensors and plain data and are loaded with weights_only=True"
+        ) from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise SystemExit(f"--resume: {path} is not a checkpoint of this trainer: it lacks {', '.join(missing)}")
+    return state
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def check_resume_args(args, saved: Dict[str, object], start_epoch: int, log) -> None:
+    """Refuses a checkpoint written with other arguments (naming them), or with nothing left to train."""
+    new = vars(args)
+    keys = EVAL_MUST_MATCH if args.eval_only else sorted((set(saved) | set(new)) - RESUME_MAY_CHANGE)
+    differ = [f"{_flag(k)} {saved.get(k)!r} (now {new.get(k)!r})" for k in keys if saved.get(k) != new.get(k)]
+    if differ:
+        raise SystemExit(
+            f"--resume: the checkpoint was written with other arguments: {', '.join(differ)}; resume with the "
+            "checkpoint's values, or train into a new --output-dir"
+        )
+    if args.eval_only:
+        return
+    if args.epochs <= start_epoch:
+        raise SystemExit(
+            f"--resume: nothing to train: the checkpoint is after epoch {start_epoch} and --epochs is {args.epochs}; "
+            "raise --epochs to train on, or evaluate it with --eval-only"
+        )
+    if args.epochs != saved.get("epochs"):
+        log(f"--epochs {args.epochs} differs from the checkpoint's {saved.get('epochs')}: training continues to "
+            f"epoch {args.epochs}, and the learning-rate schedule now spans {args.epochs} epochs")
 
 
 def write_json(path: str, obj: Dict[str, object]) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
 
 
 def write_jsonl(path: str, records: List[Dict[str, object]]) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: f.writelines(json.dumps(record) + "\n" for record in records), mode="w")
 
 
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
@@ -342,7 +427,7 @@ def plot_curves(path: str, history: List[Dict[str, object]]) -> None:
     draw = ImageDraw.Draw(image)
     _panel(draw, (0, 0, 500, 400), "training loss", loss_series, legend_top=True)
     _panel(draw, (500, 0, 1000, 400), "test metrics", metric_series, legend_top=False)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 # --------------------------------------------------------------------------- main loop
@@ -378,6 +463,13 @@ def train(args) -> Optional[Dict[str, object]]:
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     log_path = os.path.join(args.output_dir, "metrics.jsonl")
+    state = None
+    if args.resume is not None:  # before anything slow: a checkpoint that does not fit fails at once
+        path = args.resume or ckpt_path
+        if not os.path.isfile(path):
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        state = load_checkpoint(path)
+        check_resume_args(args, state["args"], state["epoch"], log)
 
     t0 = time.perf_counter()
     data = load_dataset(args)
@@ -385,8 +477,9 @@ def train(args) -> Optional[Dict[str, object]]:
     train_loader, query_loader, gallery_loader = make_loaders(args, data, rank, world_size, device)
     two_modalities = data.num_modalities == 2
 
-    model = build_mgn(args.preset, data.num_train_pids)
-    if args.backbone_weights:
+    options = {"triplet_on": args.mgn_triplet_on} if args.model == "mgn" else {}
+    model = build_model(args.model, args.preset, data.num_train_pids, **options)
+    if args.backbone_weights and state is None:  # a resumed model gets its weights from the checkpoint
         load_backbone_weights(model, args.backbone_weights)
         log(f"loaded backbone weights from {args.backbone_weights}")
     model = model.to(device, memory_format=torch.channels_last)
@@ -407,13 +500,11 @@ def train(args) -> Optional[Dict[str, object]]:
     torch.manual_seed(args.seed + rank)  # augmentations differ between ranks
 
     start_epoch, history, initial, train_seconds = 0, [], None, 0.0
-    if args.resume is not None:
-        path = args.resume or ckpt_path
-        if not os.path.isfile(path):
-            raise SystemExit(f"--resume: no checkpoint at {path}")
-        # Our own file; it holds numpy and Python RNG states, which weights_only refuses.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        core.load_state_dict(state["model"])
+    if state is not None:
+        try:
+            core.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise SystemExit(f"--resume: the checkpoint's model does not fit this one ({err})") from None
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, initial = state["epoch"], state["history"], state["initial"]
         train_seconds = state["train_seconds"]

@@ -70,8 +70,11 @@ class BatchHardTripletLoss(nn.Module):
 class HeteroCenterTripletLoss(nn.Module):
     """Triplet loss over the (label, modality) centers of a batch; see reid_ext.hetero_center_triplet_loss.
 
-    mining="all": unified batch-all loss (mode "cross") over the normalized centers (UBAT);
-    mining="hard": batch-hard euclidean loss over the raw centers (hetero-center triplet loss).
+    The positive of a center is the same identity's center in another modality, its negatives the
+    other identities' centers in every modality.
+    mining="all" (UBAT): L_g = softplus(LSE_n gamma*(S_gn + margin) + LSE_p (-gamma*S_gp)) over the
+    normalized centers, i.e. the unified batch-all loss (mode "all") over them;
+    mining="hard" (Liu et al.): batch-hard euclidean loss over the raw centers.
 
     Example:
         >>> loss_fn = HeteroCenterTripletLoss(mining="all", gamma=64.0)

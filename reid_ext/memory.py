@@ -5,6 +5,7 @@ drift slowly once training has warmed up, so the detached embeddings of the last
 few thousand samples are good references for the current batch, far more than
 one batch holds, at the cost of a copy per step.
 """
+import operator
 from typing import Any, Dict, Optional
 
 import torch
@@ -13,6 +14,18 @@ from torch import Tensor, nn
 from . import _checks
 
 __all__ = ["CrossBatchMemory"]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
 
 
 class CrossBatchMemory(nn.Module):
@@ -27,10 +40,11 @@ class CrossBatchMemory(nn.Module):
     of unified_triplet_loss; ``as_reference()`` returns them as keyword arguments.
 
     Args:
-        size (int): capacity, in rows.
-        dim (int): embedding dimension D.
-        dtype (torch.dtype): dtype of the stored embeddings; the loss needs the batch's dtype.
-        device: where the buffers live.
+        size (int): capacity, in rows (>= 1).
+        dim (int): embedding dimension D (>= 1).
+        dtype (torch.dtype): floating dtype of the stored embeddings; enqueued embeddings must
+            have it (the loss needs the batch's dtype for its reference).
+        device: where the buffers live; enqueued tensors must be there.
         with_modalities (bool): also store an integer modality per row.
 
     Example:
@@ -46,10 +60,13 @@ class CrossBatchMemory(nn.Module):
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None,
                  with_modalities: bool = False):
         super().__init__()
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
+        size, dim = _positive_int("size", size), _positive_int("dim", dim)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}")
+        try:
+            device = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda:0'), got {device!r}: {err}") from None
         self.size, self.dim, self.with_modalities = size, dim, with_modalities
         self.register_buffer("bank", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("bank_labels", torch.zeros(size, dtype=torch.long, device=device))
@@ -92,6 +109,11 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(f"x has D={x.size(1)} but the memory stores D={self.dim}")
         if x.device != self.bank.device:
             raise ValueError(f"x is on {x.device} but the memory is on {self.bank.device}")
+        if x.dtype != self.bank.dtype:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the memory stores {self.bank.dtype}: convert x, or make the memory "
+                f"with dtype={x.dtype}"
+            )
         _checks.check_index("labels", labels, x.size(0), x, "x")
         if self.with_modalities:
             if modalities is None:
@@ -105,6 +127,8 @@ class CrossBatchMemory(nn.Module):
         b = min(x.size(0), self.size)
         first = min(b, self.size - self._next)  # rows up to the end of the buffer, the rest wraps to its start
         for buffer, values in rows:
+            if values.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                values = values.clone()  # a view of the memory itself (re-enqueueing its contents)
             values = values[values.size(0) - b:]
             buffer[self._next: self._next + first].copy_(values[:first])
             buffer[: b - first].copy_(values[first:])

@@ -409,10 +409,16 @@ def hetero_center_triplet_loss(
 ) -> Tensor:
     """Triplet loss over the modality centers of the batch (one per (label, modality) pair).
 
-    mining="all" (UBAT's batch-all hetero-center loss): unified_triplet_loss(mode="cross") over
-    modality_centers(normalize=True), margin default 0.25:
-        L_g = softplus(LSE_{n in neg(g)} gamma*(S_gn + margin) + LSE_{p in pos(g)} (-gamma*S_gp)),
-        positives and negatives taken among the centers of the other modalities.
+    The positive of a center is the same identity's center in another modality; its negatives
+    are the centers of every other identity, in every modality (the hetero-center triplet loss
+    of Liu et al., which UBAT rewrites in batch-all form).
+
+    mining="all" (UBAT's batch-all hetero-center loss): over modality_centers(normalize=True),
+    every (positive, negative) pair of a center, margin default 0.25:
+        L_g = log(1 + sum_{n: y_n != y_g} sum_{p != g: y_p = y_g} exp(gamma*(S_gn - S_gp + margin)))
+            = softplus(LSE_n gamma*(S_gn + margin) + LSE_p (-gamma*S_gp)),
+    i.e. unified_triplet_loss(mode="all") over the centers: a center's only same-label
+    partners are its other-modality centers.
     mining="hard" (hetero-center triplet loss): batch_hard_triplet_loss (euclidean) over
     modality_centers(normalize=False), margin default 0.3:
         L_g = relu(max_p |c_g - c_p| - min_n |c_g - c_n| + margin).
@@ -434,11 +440,10 @@ def hetero_center_triplet_loss(
         Tensor[] or Tensor[G] with reduction="none".
     """
     _checks.check_choice("mining", mining, ("all", "hard"))
-    centers, center_labels, center_modalities = modality_centers(x, labels, modalities, normalize=mining == "all")
+    centers, center_labels, _ = modality_centers(x, labels, modalities, normalize=mining == "all")
     if mining == "all":
         return unified_triplet_loss(
-            centers, center_labels, gamma=gamma, margin=0.25 if margin is None else margin,
-            modalities=center_modalities, mode="cross", reduction=reduction,
+            centers, center_labels, gamma=gamma, margin=0.25 if margin is None else margin, reduction=reduction
         )
     return batch_hard_triplet_loss(
         centers, center_labels, margin=0.3 if margin is None else margin, metric="euclidean", reduction=reduction

@@ -46,6 +46,12 @@ def _pair_masks(labels, modalities, mode, ref_labels, ref_modalities, self_ref):
     return same & allowed, ~same & allowed
 
 
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)), exact at every x, as the fused ops compute it (F.softplus returns x
+    itself beyond its threshold of 20, an error of up to exp(-20) = 2e-9)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
 def _masked_logsumexp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # Rows without any entry get a finite dummy, so that backward never sees
     # exp(-inf - -inf); the caller zeroes those rows out with `valid`.
@@ -77,7 +83,7 @@ def unified_triplet_loss(
     lse_neg = _masked_logsumexp(gamma * (sim + margin), neg)
     lse_pos = _masked_logsumexp(-gamma * sim, pos)
     valid = pos.any(dim=1) & neg.any(dim=1)
-    loss = torch.where(valid, F.softplus(lse_neg + lse_pos), torch.zeros_like(lse_neg))
+    loss = torch.where(valid, _softplus(lse_neg + lse_pos), torch.zeros_like(lse_neg))
     return _checks.reduce_loss(loss, valid, reduction)
 
 
@@ -133,7 +139,7 @@ def batch_hard_triplet_loss(
     d_ap = dist.gather(1, pos_idx.clamp_min(0)[:, None]).squeeze(1)
     d_an = dist.gather(1, neg_idx.clamp_min(0)[:, None]).squeeze(1)
     diff = d_ap - d_an
-    per_anchor = F.softplus(diff) if soft_margin else F.relu(diff + margin)
+    per_anchor = _softplus(diff) if soft_margin else F.relu(diff + margin)
     loss = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
     loss = _checks.reduce_loss(loss, valid, reduction)
     if return_indices:
@@ -166,13 +172,15 @@ def hetero_center_triplet_loss(
     margin: Optional[float] = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """mining "all": unified_triplet_loss(mode="cross") over normalized centers; "hard": batch-hard over raw centers."""
+    """Over the centers g: "all" L_g = log(1 + sum_{n: y_n != y_g} sum_{p != g: y_p = y_g} exp(gamma*(S_gn - S_gp + m)))
+    on normalized centers (unified_triplet_loss, mode "all"); "hard" batch-hard euclidean over the raw centers."""
     _checks.check_choice("mining", mining, ("all", "hard"))
     if mining == "all":
-        centers, c_labels, c_mods = modality_centers(x, labels, modalities, normalize=True)
+        # Mode "all": a center's only same-label partners are its other-modality centers, and its
+        # negatives are the other identities' centers in every modality.
+        centers, c_labels, _ = modality_centers(x, labels, modalities, normalize=True)
         return unified_triplet_loss(
-            centers, c_labels, gamma=gamma, margin=0.25 if margin is None else margin,
-            modalities=c_mods, mode="cross", reduction=reduction,
+            centers, c_labels, gamma=gamma, margin=0.25 if margin is None else margin, reduction=reduction
         )
     centers, c_labels, _ = modality_centers(x, labels, modalities, normalize=False)
     return batch_hard_triplet_loss(

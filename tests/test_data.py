@@ -12,6 +12,7 @@ from reid_ext.data import (
     ImageDataset,
     PKSampler,
     ReIDTransform,
+    Sample,
     load_market1501,
     load_regdb,
     load_sysu_mm01,
@@ -272,3 +273,12 @@ def test_transform_rejects_bad_arguments():
         ReIDTransform((8, 8), erasing_p=1.5)
     with pytest.raises(ValueError, match="image"):
         ReIDTransform((8, 8))(torch.zeros(8, 8, dtype=torch.uint8))
+
+
+def test_image_dataset_transform_per_modality():
+    images = np.zeros((2, 8, 4, 3), np.uint8)
+    samples = [Sample(0, 0, 0, 0), Sample(1, 0, 1, 1)]
+    dataset = ImageDataset(samples, {0: lambda x: x[:1].float(), 1: lambda x: x.float() + 1}, images)
+    assert dataset[0][0].shape == (1, 8, 4) and dataset[1][0].shape == (3, 8, 4) and dataset[1][0].min() == 1
+    with pytest.raises(ValueError, match=r"no entry for modalities \[1\]"):
+        ImageDataset(samples, {0: lambda x: x}, images)

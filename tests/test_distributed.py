@@ -10,16 +10,19 @@ from torch.nn.parallel import DistributedDataParallel
 import reid_ext
 
 WORLD = 2
-ROWS = 12  # per rank: 3 identities x 4 samples, 2 in each modality
+# Rows per rank: 3 identities x 4 samples, 2 in each modality; then unequal batches (a short last batch).
+SIZES = [(12, 12), (4, 3)]
 IN_DIM, DIM, CLASSES = 10, 8, 6
 
 
-def global_batch():
-    gen = torch.Generator().manual_seed(0)
-    inputs = torch.randn(WORLD * ROWS, IN_DIM, generator=gen, dtype=torch.float64)
+def global_batch(sizes):
+    total = sum(sizes)
+    ids = max(2, total // 4)
+    gen = torch.Generator().manual_seed(total)
+    inputs = torch.randn(total, IN_DIM, generator=gen, dtype=torch.float64)
     # Identities span both ranks, so that global mining finds pairs no single rank holds.
-    labels = torch.arange(WORLD * ROWS) % (WORLD * ROWS // 4)
-    modalities = (torch.arange(WORLD * ROWS) // (WORLD * ROWS // 4)) % 2
+    labels = torch.arange(total) % ids
+    modalities = (torch.arange(total) // ids) % 2
     return inputs, labels, modalities
 
 
@@ -39,9 +42,9 @@ def losses():
     }
 
 
-def single_process(name):
+def single_process(name, sizes):
     """Loss and gradients of one process on the concatenated batch."""
-    inputs, labels, modalities = global_batch()
+    inputs, labels, modalities = global_batch(sizes)
     model = make_model()
     torch.manual_seed(2)
     classifier = reid_ext.losses.CosineSoftmaxLoss(CLASSES, DIM, scale=8.0, dtype=torch.float64)
@@ -50,10 +53,10 @@ def single_process(name):
     return loss.detach(), [p.grad for p in model.parameters()], classifier.weight.grad
 
 
-def check_rank(rank, name, loss_fn):
+def check_rank(rank, name, loss_fn, sizes):
     """This rank's loss and gradients under DDP and global mining against one process on the whole batch."""
-    inputs, labels, modalities = global_batch()
-    own = slice(rank * ROWS, (rank + 1) * ROWS)
+    inputs, labels, modalities = global_batch(sizes)
+    own = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
     model = DistributedDataParallel(make_model())
     torch.manual_seed(2)
     classifier = reid_ext.losses.CosineSoftmaxLoss(CLASSES, DIM, scale=8.0, dtype=torch.float64)
@@ -64,12 +67,12 @@ def check_rank(rank, name, loss_fn):
     loss = loss_fn(emb_all, labels_all, modalities_all, classifier)
     loss.backward()
 
-    expected_loss, expected_grads, expected_weight_grad = single_process(name)
-    torch.testing.assert_close(loss.detach(), expected_loss, msg=name)
+    expected_loss, expected_grads, expected_weight_grad = single_process(name, sizes)
+    torch.testing.assert_close(loss.detach(), expected_loss, msg=f"{name} {sizes}")
     for got, expected in zip(model.parameters(), expected_grads):  # after DDP's average over ranks
-        torch.testing.assert_close(got.grad, expected, msg=name)
+        torch.testing.assert_close(got.grad, expected, msg=f"{name} {sizes}")
     if name == "cosine_softmax":  # not under DDP: the full gradient on every rank
-        torch.testing.assert_close(classifier.weight.grad, expected_weight_grad, msg=name)
+        torch.testing.assert_close(classifier.weight.grad, expected_weight_grad, msg=f"{name} {sizes}")
     # This rank's rows receive the gradient of sum over ranks of the (identical) losses.
     inputs_leaf = inputs.clone().requires_grad_(True)
     single = make_model()
@@ -78,14 +81,15 @@ def check_rank(rank, name, loss_fn):
     emb_single = single(inputs_leaf)
     emb_single.retain_grad()
     loss_fn(emb_single, labels, modalities, single_classifier).backward()
-    torch.testing.assert_close(emb.grad, WORLD * emb_single.grad[own], msg=name)
+    torch.testing.assert_close(emb.grad, WORLD * emb_single.grad[own], msg=f"{name} {sizes}")
 
 
 def worker(rank, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        for name, loss_fn in losses().items():
-            check_rank(rank, name, loss_fn)
+        for sizes in SIZES:
+            for name, loss_fn in losses().items():
+                check_rank(rank, name, loss_fn, sizes)
         # Teardown in order: DDP's reducers (kept alive by reference cycles) are freed while the process group
         # still runs, and no rank destroys the group while the other still communicates; a reducer or gloo
         # thread left for interpreter shutdown can abort the process.

@@ -31,14 +31,49 @@ def test_ring_buffer_keeps_the_newest_rows(device):
     assert len(memory) == 0
 
 
-def test_enqueue_detaches_and_converts():
+def test_enqueue_detaches_and_converts_labels():
     memory = reid_ext.CrossBatchMemory(4, 2, dtype=torch.float64)
-    x = torch.randn(3, 2, requires_grad=True)
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     memory.enqueue(x * 2, torch.tensor([1, 2, 3], dtype=torch.int32))
     assert not memory.embeddings.requires_grad and memory.embeddings.dtype == torch.float64
     assert memory.labels.dtype == torch.int64
-    torch.testing.assert_close(memory.embeddings, (x * 2).detach().double())
+    torch.testing.assert_close(memory.embeddings, (x * 2).detach())
     assert memory.modalities is None
+
+
+def test_enqueue_of_another_dtype_is_refused():
+    memory = reid_ext.CrossBatchMemory(4, 2)
+    with pytest.raises(TypeError, match="x has dtype torch.float64 but the memory stores torch.float32"):
+        memory.enqueue(torch.randn(3, 2, dtype=torch.float64), torch.arange(3))
+    assert len(memory) == 0
+
+
+def test_enqueue_of_its_own_contents():
+    memory = reid_ext.CrossBatchMemory(5, 3, with_modalities=True)
+    copies = reid_ext.CrossBatchMemory(5, 3, with_modalities=True)
+    for m in (memory, copies):
+        m.enqueue(*batch(0, 3))
+    memory.enqueue(memory.embeddings, memory.labels, memory.modalities)  # views of the buffers themselves
+    assert memory.labels.tolist() == [20, 10, 20, 0, 10]  # rows 0..2 again, the last one wrapped over row 0
+    copies.enqueue(copies.embeddings.clone(), copies.labels.clone(), copies.modalities.clone())
+    memory.enqueue(memory.embeddings, memory.labels, memory.modalities)
+    copies.enqueue(copies.embeddings.clone(), copies.labels.clone(), copies.modalities.clone())
+    for a, b in zip(memory.as_reference().values(), copies.as_reference().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(size=4.5, dim=4), TypeError, "size must be an integer >= 1, got 4.5"),
+    (dict(size=4, dim="8"), TypeError, "dim must be an integer >= 1, got '8'"),
+    (dict(size=True, dim=4), TypeError, "size must be an integer >= 1, got True"),
+    (dict(size=4, dim=0), ValueError, "dim must be >= 1, got 0"),
+    (dict(size=4, dim=4, dtype=torch.int64), TypeError, "dtype must be a floating torch.dtype"),
+    (dict(size=4, dim=4, dtype="float32"), TypeError, "dtype must be a floating torch.dtype"),
+    (dict(size=4, dim=4, device="gpu"), ValueError, "device must name a torch device"),
+])
+def test_bad_construction_is_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        reid_ext.CrossBatchMemory(**kwargs)
 
 
 def test_bad_enqueue_is_named():

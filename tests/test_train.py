@@ -46,7 +46,7 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
     assert saved["train_seconds"] > 0
     with Image.open(out / "curves.png") as img:
         assert img.format == "PNG" and img.size[0] > 0
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # tensors and plain data only
     assert state["epoch"] == 4 and {"model", "optimizer", "rng", "history"} <= set(state)
     assert not any(name.endswith(".tmp") for name in os.listdir(out))
 
@@ -87,8 +87,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mgn, "save_checkpoint", real_save)
     train_mgn.main(args + ["--output-dir", str(tmp_path / "resumed"), "--resume"])
 
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -96,6 +96,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         for key in pa:
             assert torch.equal(pa[key], pb[key]), key
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    assert torch.equal(a["rng"][0]["numpy"]["keys"], b["rng"][0]["numpy"]["keys"])
+    assert a["rng"][0]["python"] == b["rng"][0]["python"]
     strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in h]  # noqa: E731
     assert strip(a["history"]) == strip(b["history"])
     assert strip(_history(tmp_path / "resumed" / "metrics.jsonl")) == strip(a["history"])
@@ -124,7 +126,125 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert all(0 <= v <= 1 for v in results["final"].values())
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert len(state["rng"]) == 2  # every rank's RNG state, for an exact resume
     history = _history(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in history] == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- the UBAT system
+
+
+def test_ubat_model_learns_on_visible_infrared_data(tmp_path):
+    results = train_mgn.main([
+        "--model", "ubat", "--dataset", "synthetic-vi", "--synthetic-ids", "60", "30", "--ids-per-batch", "8",
+        "--instances", "2", "--epochs", "4", "--output-dir", str(tmp_path), "--eval-batch-size", "128",
+    ])
+    args = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["args"]
+    assert args["model"] == "ubat" and args["recipe"] == "ubat"  # the model's own recipe by default
+    assert "loss_hetero_center" in _history(tmp_path / "metrics.jsonl")[1]
+    assert results["final"]["mAP"] > results["initial"]["mAP"] + 0.01
+
+
+def test_random_grayscale_only_on_visible_images():
+    args = train_mgn.parse_args(["--model", "ubat", "--dataset", "synthetic-vi", "--ids-per-batch", "2"])
+    data = train_mgn.make_synthetic(0, num_train_ids=4, num_test_ids=2, infrared=True)
+    train_loader, _, _ = train_mgn.make_loaders(args, data, 0, 1, torch.device("cpu"))
+    transforms = train_loader.dataset.transform
+    assert transforms[0].grayscale_p == 0.5 and transforms[1].grayscale_p == 0.0
+    assert transforms[0].train and transforms[1].train
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    """A finished 1-epoch run (Adam, the cpu preset's defaults); tests resume from copies of its checkpoint."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    train_mgn.main(TINY + ["--epochs", "1", "--output-dir", str(out)])
+    return out / "checkpoint.pt"
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_crafted_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 1, "model": {}, "payload": _CreatesFileWhenUnpickled(str(marker))}, checkpoint)
+    refused = r"not a checkpoint this trainer can load safely \(it refers to io.open, which is not plain data\)"
+    for extra in ([], ["--eval-only"]):
+        with pytest.raises(SystemExit, match=refused):
+            train_mgn.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path / "run"), "--resume", str(checkpoint),
+                                   *extra])
+        assert not marker.exists()
+
+
+def test_checkpoint_without_trainer_state_is_named(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"epoch": 1, "model": {}}, checkpoint)
+    with pytest.raises(SystemExit, match="lacks optimizer, rng, history"):
+        train_mgn.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", str(checkpoint)])
+
+
+@pytest.mark.parametrize("changed, named", [
+    (["--optimizer", "sgd"], ["--optimizer 'adam' (now 'sgd')"]),
+    (["--recipe", "ubat", "--seed", "3", "--lr", "0.01"],
+     ["--recipe 'mgn' (now 'ubat')", "--seed 0 (now 3)", "--lr 0.006 (now 0.01)", "--margin 1.2 (now 0.25)"]),
+    (["--model", "ubat"], ["--model 'mgn' (now 'ubat')", "--recipe 'mgn' (now 'ubat')"]),
+])
+def test_resume_with_other_arguments_names_them(one_epoch_run, tmp_path, changed, named):
+    with pytest.raises(SystemExit) as info:
+        train_mgn.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", str(one_epoch_run),
+                               *changed])
+    message = str(info.value)
+    assert message.startswith("--resume: the checkpoint was written with other arguments")
+    assert all(part in message for part in named), message
+    # --eval-only needs only the same network.
+    if "--model" not in changed:
+        evaluation = train_mgn.main(TINY + ["--output-dir", str(tmp_path), "--resume", str(one_epoch_run),
+                                            "--eval-only", *changed])
+        assert 0 <= evaluation["mAP"] <= 1
+
+
+def test_resume_with_nothing_left_to_train_says_so(one_epoch_run, tmp_path):
+    with pytest.raises(SystemExit, match="nothing to train: the checkpoint is after epoch 1 and --epochs is 1"):
+        train_mgn.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--resume", str(one_epoch_run)])
+
+
+def test_resume_with_more_epochs_says_the_schedule_changes(one_epoch_run, tmp_path, capsys):
+    results = train_mgn.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", str(one_epoch_run)])
+    assert "--epochs 2 differs from the checkpoint's 1" in capsys.readouterr().out
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2 and "mAP" in results["final"]
+
+
+def test_eval_every_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        train_mgn.parse_args(["--eval-every", "0"])
+    assert "--eval-every must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_checkpoint_is_on_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train_mgn.os, "fsync", fsync)
+    monkeypatch.setattr(train_mgn.os, "replace", replace)
+    path = str(tmp_path / "checkpoint.pt")
+    train_mgn.save_checkpoint(path, {"epoch": 1, "weight": torch.ones(3)})
+    assert events == [("fsync", path + ".tmp"), ("replace", path + ".tmp", path), ("fsync", str(tmp_path))]
+    assert torch.equal(torch.load(path, weights_only=True)["weight"], torch.ones(3))

@@ -142,7 +142,7 @@ REID_EXT_ALWAYS_INLINE void row_coefficients_impl(const scalar_t* z, int64_t col
     else if (coef_x)                                                                                              \
       row_coefficients_impl<T, true, false>(z, cols, target, lse, grad_scale, smoothing, num_classes, inv_row,    \
                                             inv_cols, coef_x, coef_w);                                             \
-    else                                                                                                          \
+    else if (coef_w) /* neither wanted (a private op's caller may ask for none): nothing to write */              \
       row_coefficients_impl<T, false, true>(z, cols, target, lse, grad_scale, smoothing, num_classes, inv_row,    \
                                             inv_cols, coef_x, coef_w);                                             \
   }
@@ -244,6 +244,7 @@ struct Coefficients {
 template <typename scalar_t>
 void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad, const scalar_t* lse, at::Tensor* grad_x,
                    at::Tensor* grad_w) {
+  if (!grad_x && !grad_w) return;  // no gradient wanted: no logits to recompute
   const int64_t n = pb.x.size(0), num_classes = pb.weight.size(0);
   // A single chunk writes each gradient once; accumulation across chunks (or none) needs zeros.
   const bool write = single_chunk(n, num_classes) && n > 0;

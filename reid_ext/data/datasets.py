@@ -9,7 +9,7 @@ Modality 0 is visible light, 1 is infrared / thermal.
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,19 +88,27 @@ def load_image(path: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """``Sample`` list -> (image, pid, camid, modality), image = transform(uint8 Tensor[3, H, W]).
 
-    ``images`` is the in-memory array for index sources (``ReIDDataset.images``).
+    ``transform`` is one callable, or a mapping modality -> callable (e.g. random grayscale for
+    visible images only). ``images`` is the in-memory array for index sources (``ReIDDataset.images``).
     """
 
     def __init__(
         self,
         samples: Sequence[Sample],
-        transform: Callable[[torch.Tensor], torch.Tensor],
+        transform: Union[Transform, Mapping[int, Transform]],
         images: Optional[np.ndarray] = None,
     ):
         self.samples = list(samples)
+        if isinstance(transform, Mapping):
+            missing = sorted({s.modality for s in self.samples} - set(transform))
+            if missing:
+                raise ValueError(f"transform has no entry for modalities {missing} of the samples")
         self.transform = transform
         self.images = images
 
@@ -115,7 +123,8 @@ class ImageDataset(torch.utils.data.Dataset):
             if self.images is None:
                 raise ValueError(f"sample {index} refers to in-memory image {sample.source} but images is None")
             image = torch.from_numpy(self.images[sample.source]).permute(2, 0, 1)
-        return self.transform(image), sample.pid, sample.camid, sample.modality
+        transform = self.transform[sample.modality] if isinstance(self.transform, Mapping) else self.transform
+        return transform(image), sample.pid, sample.camid, sample.modality
 
 
 def relabel(samples: Iterable[Sample]) -> List[Sample]:
