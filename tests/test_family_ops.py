@@ -657,3 +657,20 @@ def test_op_level_checks_name_the_argument():
         ops.modality_centers(torch.randn(4, 3), torch.zeros(3, dtype=torch.long), 1, True)
     with pytest.raises(RuntimeError, match="weight has D=2 but x has D=3"):
         ops.cosine_softmax_loss(torch.randn(4, 3), torch.randn(5, 2), torch.zeros(4, dtype=torch.long), 1.0, 0.0, 0.0)
+
+
+def test_wide_features_match_reference(device, gen):
+    """D = 130: several 64-column feature chunks and a partial one in every kernel."""
+    x = features(70, 130, gen, device, device.dtype)
+    labels = make_labels("pk", 70, gen).to(torch_device(device))
+    modalities = two_modalities(labels)
+    weight = features(30, 130, gen, device, device.dtype)
+    cases = [
+        (lambda lib: lib.batch_hard_triplet_loss(x, labels, metric="cosine", reduction="none"), [x]),
+        (lambda lib: lib.batch_hard_triplet_loss(x, labels, reduction="none"), [x]),
+        (lambda lib: lib.modality_centers(x, labels, modalities)[0], [x]),
+        (lambda lib: lib.cosine_softmax_loss(x, weight, labels % 30, reduction="none"), [x, weight]),
+    ]
+    for fn, inputs in cases:
+        assert_same(value_and_grads(fn, inputs, reid_ext), value_and_grads(fn, inputs, reference),
+                    **tolerance(device.dtype))

@@ -516,3 +516,32 @@ def test_triplet_identity():
         expected.append(math.log1p(total))
     got = reid_ext.unified_triplet_loss(x, labels, gamma=gamma, margin=margin, reduction="none")
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+def test_wide_features_match_reference(device, with_bank, gen):
+    """D = 130: several 64-column feature chunks and a partial one in every kernel's products."""
+    x, labels, modalities = unified_case(70, 130, gen, device, "pk", "cross", device.dtype)
+    kwargs = dict(gamma=8.0, modalities=modalities, mode="cross", reduction="none")
+    inputs = [x]
+    if with_bank:
+        bank = features(90, 130, gen, device, device.dtype)
+        kwargs.update(ref=bank, ref_labels=torch.randint(0, 17, (90,), generator=gen).to(torch_device(device)),
+                      ref_modalities=torch.randint(0, 2, (90,), generator=gen).to(torch_device(device)))
+        inputs = [x, bank]
+    assert_close_all(value_and_grads(reid_ext.unified_triplet_loss, inputs, x, labels, **kwargs),
+                     value_and_grads(reference.unified_triplet_loss, inputs, x, labels, **kwargs), **device.tol)
+    y = kwargs.get("ref")
+    assert_close_all(value_and_grads(reid_ext.cosine_similarity, inputs, x, y),
+                     value_and_grads(reference.cosine_similarity, inputs, x, y), **device.tol)
+
+
+def test_unified_empty_bank(device, gen):
+    """A bank without rows: no anchor has a pair, every loss is 0, and so is every gradient."""
+    x, labels, _ = unified_case(10, 8, gen, device, "pk", "all", device.dtype)
+    bank = features(0, 8, gen, device, device.dtype)
+    bank_labels = torch.zeros(0, dtype=torch.long, device=torch_device(device))
+    for reduction in ("none", "mean", "sum"):
+        loss = reid_ext.unified_triplet_loss(x, labels, ref=bank, ref_labels=bank_labels, reduction=reduction)
+        grad_x, grad_bank = torch.autograd.grad(loss.sum(), [x, bank])
+        assert (loss == 0).all() and (grad_x == 0).all() and grad_bank.shape == (0, 8)
