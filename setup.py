@@ -81,7 +81,7 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-sources = [os.path.join("csrc", "reid_ext.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))) + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 # -fno-trapping-math lets the compiler vectorize the kernels' selects; NaN and inf semantics are unchanged.
 cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]

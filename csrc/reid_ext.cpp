@@ -30,4 +30,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(reid_ext, m) { reid_ext::define_schemas(m); }
+TORCH_LIBRARY(reid_ext, m) {
+  reid_ext::define_schemas(m);
+  reid_ext::define_check_schemas(m);
+}

@@ -11,7 +11,6 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from . import _checks
 
 __all__ = ["CrossBatchMemory"]
 
@@ -104,7 +103,9 @@ class CrossBatchMemory(nn.Module):
 
         A batch larger than the memory keeps its last ``size`` rows. No host synchronisation.
         """
-        _checks.check_features("x", x)
+        # What the losses accept as an anchor batch, with the errors they give.
+        torch.ops.reid_ext._check_unified_triplet_loss.default(x, labels, modalities, None, None, None, 1.0, 0.0,
+                                                               "all", "none")
         if x.size(1) != self.dim:
             raise ValueError(f"x has D={x.size(1)} but the memory stores D={self.dim}")
         if x.device != self.bank.device:
@@ -114,11 +115,9 @@ class CrossBatchMemory(nn.Module):
                 f"x has dtype {x.dtype} but the memory stores {self.bank.dtype}: convert x, or make the memory "
                 f"with dtype={x.dtype}"
             )
-        _checks.check_index("labels", labels, x.size(0), x, "x")
         if self.with_modalities:
             if modalities is None:
                 raise ValueError("modalities is required: the memory was made with with_modalities=True")
-            _checks.check_index("modalities", modalities, x.size(0), x, "x")
         elif modalities is not None:
             raise ValueError("modalities was given but the memory was made with with_modalities=False")
         rows = [(self.bank, x), (self.bank_labels, labels)]

@@ -1,34 +1,17 @@
-"""Thin wrappers over torch.ops.reid_ext.*, with their fake kernels and autograd.
+"""The public functions over torch.ops.reid_ext.*, with their fake kernels and autograd.
 
-Each public function checks its arguments (the same checks as the reference),
-calls one fused op, and reduces in a couple of tensor ops without host
-synchronisation. Backward passes are private ops of their own, so that
-torch.compile sees the whole graph.
+Each function is one op call: the op checks its arguments (in C++, naming the one that is
+wrong), reduces over the anchors, and chooses its kernel path from the problem. In training
+(a scalar reduction, an input that requires grad) the op also returns the gradients, which
+the backward only scales: one custom autograd node and no Python-side tensor work per call.
+With reduction="none" a backward op recomputes the pairs. Backward ops are ops of their own,
+so that torch.compile sees the whole graph.
 """
 import contextlib
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-
-from . import _checks
-
-# The op namespace the public functions call: torch.ops.reid_ext, or (tools/cudasim) the
-# emulated-GPU build of the CUDA kernels, which has the same schemas on CPU tensors.
-_OPS = torch.ops.reid_ext
-# Per op name: its fake kernel; its (backward, setup_context); the (loss name, number of inputs,
-# gradient positions) of an op that returns its gradients with the loss. _register applies them.
-_FAKES = {}
-_AUTOGRAD = {}
-_GRADIENT_IN_FORWARD = {}
-
-
-def _fake(name: str):
-    def collect(fn):
-        _FAKES[name] = fn
-        return fn
-
-    return collect
 
 __all__ = [
     "cosine_similarity",
@@ -39,10 +22,56 @@ __all__ = [
     "cosine_softmax_loss",
 ]
 
+# The op namespace the public functions call: torch.ops.reid_ext, or (tools/cudasim) the
+# emulated-GPU build of the CUDA kernels, which has the same schemas on CPU tensors.
+_OPS = torch.ops.reid_ext
+# Per op name: its fake kernel; its (backward, setup_context). _register applies them.
+_FAKES = {}
+_AUTOGRAD = {}
+
+
+def _fake(name: str):
+    def collect(fn):
+        _FAKES[name] = fn
+        return fn
+
+    return collect
+
+
+def _wants_grad(t) -> bool:
+    """Whether the op should return t's gradient with the loss (t is being trained)."""
+    return isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled()
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels accumulate in: at least float32."""
+    """The dtype of the per-anchor statistics: the kernels accumulate in at least float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _loss_like(x: Tensor, reduction: str) -> Tensor:
+    return x.new_empty(()) if reduction != "none" else x.new_empty(x.size(0))
+
+
+def _grad_like(t: Optional[Tensor], wanted: bool, x: Tensor) -> Tensor:
+    """A gradient output of a fake kernel: t's shape when the op computes it, else [0, D]."""
+    return t.new_empty(t.shape) if (wanted and t is not None) else x.new_empty(0, x.size(1))
+
+
+def _no_double_backward(loss_name: str) -> None:
+    """Raises under create_graph=True: the backward kernels are not differentiable themselves,
+    and a silently wrong second derivative would be worse than none."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"reid_ext.{loss_name} does not support double backward (create_graph=True)")
+
+
+def _computed(asked: bool, t: Optional[Tensor]) -> bool:
+    """Whether the op's forward left nothing to compute for t: its gradient was asked for, or t
+    takes none (a raw op call may ask for less than autograd will need: then the backward op runs)."""
+    return asked or t is None or not t.requires_grad
+
+
+def _scaled(grad_loss: Tensor, saved: Tensor, needed: bool) -> Optional[Tensor]:
+    return grad_loss * saved if needed else None
 
 
 # ---------------------------------------------------------------- cosine_similarity
@@ -54,13 +83,12 @@ def cosine_similarity(x: Tensor, y: Optional[Tensor] = None, eps: float = 1e-12)
     Args:
         x (Tensor[N, D]): features.
         y (Tensor[M, D], optional): other features; None means y = x.
-        eps (float): lower bound of the norms.
+        eps (float): lower bound of the norms, finite and > 0.
 
     Returns:
         S (Tensor[N, M]): S_ij = <x_i, y_j> / (max(|x_i|, eps) * max(|y_j|, eps)).
     """
-    _checks.check_cosine_similarity(x, y, eps)
-    return _OPS.cosine_similarity.default(x, y, float(eps))
+    return _OPS.cosine_similarity.default(x, y, eps)
 
 
 @_fake("cosine_similarity")
@@ -90,43 +118,6 @@ def _cosine_similarity_backward(ops, ctx, grad):
 _AUTOGRAD["cosine_similarity"] = (_cosine_similarity_backward, _cosine_similarity_setup)
 
 
-def _gradient_in_forward_autograd(loss_name: str, num_inputs: int, grad_inputs: Tuple[int, ...]):
-    """Autograd of an op that returns (loss, gradient of loss w.r.t. input grad_inputs[0], ...):
-    the backward scales the saved gradients."""
-
-    def setup(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(*output[1:])
-
-    def backward(ctx, grad_loss, *_unused):
-        _no_double_backward(loss_name)
-        grads = [None] * num_inputs
-        for position, saved in zip(grad_inputs, ctx.saved_tensors):
-            if ctx.needs_input_grad[position]:
-                grads[position] = grad_loss * saved
-        return tuple(grads)
-
-    return backward, setup
-
-
-def _grad_in_forward(x: Tensor, reduction: str, *others: Optional[Tensor]) -> bool:
-    """Whether a CPU loss may compute its gradient along with its value: when it will be
-    differentiated (training) and its reduction is a scalar, so that the backward only scales
-    the saved gradient. A kernel that sees whole rows of the pair (or logit) matrix at once then
-    computes its dot products once for both directions, one GEMM fewer than a forward and a
-    recomputing backward."""
-    if _checks.kernel_device(x) != "cpu" or reduction == "none" or not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in (x, *others))
-
-
-def _no_double_backward(loss_name: str) -> None:
-    """Raises under create_graph=True: the backward kernels are not differentiable themselves,
-    and a silently wrong second derivative would be worse than none."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"reid_ext.{loss_name} does not support double backward (create_graph=True)")
-
-
 # ---------------------------------------------------------------- unified_triplet_loss
 
 
@@ -151,8 +142,8 @@ def unified_triplet_loss(
     Args:
         x (Tensor[N, D]): anchor features.
         labels (Tensor[N]): integer identities.
-        gamma (float): scale, > 0.
-        margin (float): margin added to negative similarities.
+        gamma (float): scale, finite and > 0.
+        margin (float): finite margin added to negative similarities.
         modalities (Tensor[N], optional): integer modality of each anchor; required unless mode="all".
         mode (str): which references pair with an anchor: "all", "cross" (other modality) or
             "intra" (same modality).
@@ -165,82 +156,54 @@ def unified_triplet_loss(
     Returns:
         Tensor[] or Tensor[N] with reduction="none" (0 for anchors without a positive or a negative).
     """
-    _checks.check_unified(x, labels, gamma, modalities, mode, ref, ref_labels, ref_modalities, reduction)
-    if _with_grad_pays(x, ref, reduction):
-        loss, _, _ = _OPS._unified_triplet_loss_with_grad.default(
-            x, labels, modalities, ref, ref_labels, ref_modalities, float(gamma), float(margin), _checks.mode_id(mode),
-            reduction == "mean", ref is not None and ref.requires_grad,
-        )
-        return loss
-    loss, valid, _, _ = _OPS.unified_triplet_loss.default(
-        x, labels, modalities, ref, ref_labels, ref_modalities, float(gamma), float(margin), _checks.mode_id(mode)
-    )
-    return _checks.reduce_loss(loss, valid, reduction)
+    return _OPS.unified_triplet_loss.default(
+        x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, reduction, _wants_grad(x),
+        _wants_grad(ref),
+    )[0]
 
 
 @_fake("unified_triplet_loss")
-def _unified_fake(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode):
-    n = x.size(0)
+def _unified_fake(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, reduction, grad_x,
+                  grad_ref):
+    n, scalar = x.size(0), reduction != "none"
     stats = x.new_empty(n, dtype=_acc_dtype(x.dtype))
-    return x.new_empty(n), x.new_empty(n, dtype=torch.bool), stats, torch.empty_like(stats)
+    return (_loss_like(x, reduction), _grad_like(x, scalar and grad_x, x), _grad_like(ref, scalar and grad_ref, x),
+            x.new_empty(n, dtype=torch.bool), stats, torch.empty_like(stats))
 
 
 @_fake("_unified_triplet_loss_backward")
-def _unified_backward_fake(
-    grad_loss, x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos, gamma, margin, mode,
-    ref_requires_grad,
-):
-    grad_ref = torch.empty_like(ref) if (ref is not None and ref_requires_grad) else x.new_empty(0, x.size(1))
-    return torch.empty_like(x), grad_ref
+def _unified_backward_fake(grad_loss, x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos,
+                           gamma, margin, mode, reduction, grad_ref):
+    return torch.empty_like(x), _grad_like(ref, grad_ref, x)
 
 
 def _unified_setup(ctx, inputs, output):
-    x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode = inputs
-    _, valid, lse_neg, lse_pos = output
-    ctx.mark_non_differentiable(valid, lse_neg, lse_pos)
-    ctx.gamma, ctx.margin, ctx.mode = gamma, margin, mode
+    x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, reduction, grad_x, grad_ref = inputs
+    _, saved_grad_x, saved_grad_ref, valid, lse_neg, lse_pos = output
+    ctx.mark_non_differentiable(saved_grad_x, saved_grad_ref, valid, lse_neg, lse_pos)
+    ctx.in_forward = reduction != "none" and _computed(grad_x, x) and _computed(grad_ref, ref)
+    if ctx.in_forward:
+        ctx.save_for_backward(saved_grad_x, saved_grad_ref)
+        return
+    ctx.gamma, ctx.margin, ctx.mode, ctx.reduction = gamma, margin, mode, reduction
     ctx.save_for_backward(x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos)
 
 
-def _unified_backward(ops, ctx, grad_loss, _grad_valid, _grad_lse_neg, _grad_lse_pos):
+def _unified_backward(ops, ctx, grad_loss, *_unused):
     _no_double_backward("unified_triplet_loss")
+    want_x, want_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    if ctx.in_forward:
+        grad_x, grad_ref = ctx.saved_tensors
+        return (_scaled(grad_loss, grad_x, want_x), None, None, _scaled(grad_loss, grad_ref, want_ref)) + (None,) * 8
     x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos = ctx.saved_tensors
-    ref_requires_grad = ref is not None and ctx.needs_input_grad[3]
     grad_x, grad_ref = ops._unified_triplet_loss_backward.default(
         grad_loss, x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos,
-        ctx.gamma, ctx.margin, ctx.mode, ref_requires_grad,
+        ctx.gamma, ctx.margin, ctx.mode, ctx.reduction, want_ref,
     )
-    return grad_x, None, None, (grad_ref if ref_requires_grad else None), None, None, None, None, None
+    return (grad_x, None, None, grad_ref if want_ref else None) + (None,) * 8
 
 
 _AUTOGRAD["unified_triplet_loss"] = (_unified_backward, _unified_setup)
-
-# Problems up to this many pairs (with at most 512 references) are one tile of the CPU kernel.
-_SINGLE_TILE_PAIRS = 512 * 512
-# Banks up to this size are visited in panels of whole rows of S (at least 32 rows, 2^22 pairs at most).
-_PANEL_BANK = (1 << 22) // 32
-
-
-def _with_grad_pays(x: Tensor, ref: Optional[Tensor], reduction: str) -> bool:
-    """Whether the unified loss takes its one-op path (see _grad_in_forward): a single tile, or a
-    bank whose panels of whole rows of S give the loss and dL/dS at once."""
-    if not _grad_in_forward(x, reduction, ref):
-        return False
-    m = x.size(0) if ref is None else ref.size(0)
-    single_tile = m <= 512 and x.size(0) * m <= _SINGLE_TILE_PAIRS
-    return single_tile or (ref is not None and m <= _PANEL_BANK)
-
-
-@_fake("_unified_triplet_loss_with_grad")
-def _unified_with_grad_fake(
-    x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, mean, ref_requires_grad
-):
-    grad_ref = torch.empty_like(ref) if (ref is not None and ref_requires_grad) else x.new_empty(0, x.size(1))
-    return x.new_empty(()), torch.empty_like(x), grad_ref
-
-
-_GRADIENT_IN_FORWARD["_unified_triplet_loss_with_grad"] = ("unified_triplet_loss", 11, (0, 3))
-
 
 
 # ---------------------------------------------------------------- batch_hard_triplet_loss
@@ -264,7 +227,7 @@ def batch_hard_triplet_loss(
     Args:
         x (Tensor[N, D]): features.
         labels (Tensor[N]): integer identities.
-        margin (float): >= 0; unused with soft_margin.
+        margin (float): finite and >= 0; unused with soft_margin.
         metric (str): "euclidean" sqrt(max(|x_i - x_j|^2, 1e-12)), "sqeuclidean" |x_i - x_j|^2,
             or "cosine" 1 - cos(x_i, x_j).
         soft_margin (bool): softplus instead of the hinge.
@@ -277,43 +240,48 @@ def batch_hard_triplet_loss(
         -1 where an anchor has none. Ties go to the lowest index. The gradient flows through the
         selected pairs only.
     """
-    _checks.check_batch_hard(x, labels, margin, metric, reduction)
-    loss, valid, pos_idx, neg_idx, _, _ = _OPS.batch_hard_triplet_loss.default(
-        x, labels, float(margin), _checks.metric_id(metric), bool(soft_margin)
-    )
-    loss = _checks.reduce_loss(loss, valid, reduction)
+    loss, _, _, pos_idx, neg_idx, _, _ = _OPS.batch_hard_triplet_loss.default(
+        x, labels, margin, metric, soft_margin, reduction, _wants_grad(x))
     return (loss, pos_idx, neg_idx) if return_indices else loss
 
 
 @_fake("batch_hard_triplet_loss")
-def _batch_hard_fake(x, labels, margin, metric, soft_margin):
+def _batch_hard_fake(x, labels, margin, metric, soft_margin, reduction, grad_x):
     n = x.size(0)
     index = x.new_empty(n, dtype=torch.long)
     dist = x.new_empty(n, dtype=_acc_dtype(x.dtype))
-    valid = x.new_empty(n, dtype=torch.bool)
-    return x.new_empty(n), valid, index, torch.empty_like(index), dist, torch.empty_like(dist)
+    return (_loss_like(x, reduction), _grad_like(x, reduction != "none" and grad_x, x),
+            x.new_empty(n, dtype=torch.bool), index, torch.empty_like(index), dist, torch.empty_like(dist))
 
 
 @_fake("_batch_hard_triplet_loss_backward")
-def _batch_hard_backward_fake(grad_loss, x, pos_idx, neg_idx, dist_ap, dist_an, margin, metric, soft_margin):
+def _batch_hard_backward_fake(grad_loss, x, pos_idx, neg_idx, dist_ap, dist_an, margin, metric, soft_margin,
+                              reduction):
     return x.new_empty(x.shape)
 
 
 def _batch_hard_setup(ctx, inputs, output):
-    x, _labels, margin, metric, soft_margin = inputs
-    _, valid, pos_idx, neg_idx, dist_ap, dist_an = output
-    ctx.mark_non_differentiable(valid, pos_idx, neg_idx, dist_ap, dist_an)
-    ctx.margin, ctx.metric, ctx.soft_margin = margin, metric, soft_margin
+    x, _labels, margin, metric, soft_margin, reduction, grad_x = inputs
+    _, saved_grad_x, valid, pos_idx, neg_idx, dist_ap, dist_an = output
+    ctx.mark_non_differentiable(saved_grad_x, valid, pos_idx, neg_idx, dist_ap, dist_an)
+    ctx.in_forward = reduction != "none" and _computed(grad_x, x)
+    if ctx.in_forward:
+        ctx.save_for_backward(saved_grad_x)
+        return
+    ctx.margin, ctx.metric, ctx.soft_margin, ctx.reduction = margin, metric, soft_margin, reduction
     ctx.save_for_backward(x, pos_idx, neg_idx, dist_ap, dist_an)
 
 
 def _batch_hard_backward(ops, ctx, grad_loss, *_unused):
     _no_double_backward("batch_hard_triplet_loss")
+    if ctx.in_forward:
+        (grad_x,) = ctx.saved_tensors
+        return (grad_loss * grad_x,) + (None,) * 6
     x, pos_idx, neg_idx, dist_ap, dist_an = ctx.saved_tensors
     grad_x = ops._batch_hard_triplet_loss_backward.default(
-        grad_loss, x, pos_idx, neg_idx, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft_margin
+        grad_loss, x, pos_idx, neg_idx, dist_ap, dist_an, ctx.margin, ctx.metric, ctx.soft_margin, ctx.reduction
     )
-    return grad_x, None, None, None, None
+    return (grad_x,) + (None,) * 6
 
 
 _AUTOGRAD["batch_hard_triplet_loss"] = (_batch_hard_backward, _batch_hard_setup)
@@ -333,11 +301,11 @@ def modality_centers(
     bitwise the same centers and gradients on every run (each center sums its rows in index order;
     no floating-point atomics). CPU and CUDA results may differ from each other by rounding.
 
-    The number of centers G depends on the data, so this wrapper finds the pairs with
-    torch.unique, which waits for the device on CUDA (the one host synchronisation). The fused
-    op behind it takes the group ids and G and does not synchronise: when they are known in
-    advance, call ``torch.ops.reid_ext.modality_centers(x, group, G, normalize)`` directly; it
-    returns (centers, counts).
+    The number of centers G depends on the data, so finding the pairs waits for the device on
+    CUDA (the one host synchronisation). The fused op behind it takes the group ids and G and
+    does not synchronise: when they are known in advance, call
+    ``torch.ops.reid_ext.modality_centers(x, group, G, normalize)`` directly; it returns
+    (centers, counts).
 
     Args:
         x (Tensor[N, D]): features.
@@ -349,21 +317,16 @@ def modality_centers(
         centers (Tensor[G, D]), center_labels (Tensor[G]), center_modalities (Tensor[G]), ordered
         by (label, modality).
     """
-    _checks.check_centers(x, labels, modalities)
-    # One int64 key per row in (label, modality) order, from order-preserving ranks (the position
-    # of a value's first occurrence in sorted order, < N): a unique over one dimension is much
-    # cheaper than torch.unique(dim=0) over (label, modality) rows.
-    n = max(labels.numel(), 1)
-    labels_long, modalities_long = labels.long().contiguous(), modalities.long().contiguous()
-    sorted_labels = labels_long.sort().values
-    sorted_modalities = modalities_long.sort().values
-    label_rank = torch.searchsorted(sorted_labels, labels_long)
-    modality_rank = torch.searchsorted(sorted_modalities, modalities_long)
-    keys, group = torch.unique(label_rank * n + modality_rank, return_inverse=True)
-    centers, _ = _OPS.modality_centers.default(x, group, keys.size(0), bool(normalize))
-    center_labels = sorted_labels[keys // n].to(labels.dtype)
-    center_modalities = sorted_modalities[keys % n].to(modalities.dtype)
+    torch.ops.reid_ext._check_modality_centers.default(x, labels, modalities)
+    group, center_labels, center_modalities = _OPS._modality_groups.default(labels, modalities)
+    centers, _ = _OPS.modality_centers.default(x, group, center_labels.size(0), normalize)
     return centers, center_labels, center_modalities
+
+
+@_fake("_modality_groups")
+def _groups_fake(labels, modalities):
+    groups = torch.library.get_ctx().new_dynamic_size()
+    return labels.new_empty(labels.shape, dtype=torch.long), labels.new_empty(groups), modalities.new_empty(groups)
 
 
 @_fake("modality_centers")
@@ -425,29 +388,54 @@ def hetero_center_triplet_loss(
 
     An identity seen in one modality only has a center without a cross-modal positive: an
     invalid anchor, which contributes 0. Finding the centers synchronises with the device once
-    (see modality_centers).
+    (see modality_centers). With a scalar reduction this is one op (centers, loss and gradient);
+    reduction="none" composes modality_centers and the per-center loss.
 
     Args:
         x (Tensor[N, D]): features.
         labels (Tensor[N]): integer identities.
         modalities (Tensor[N]): integer modalities.
         mining (str): "all" or "hard".
-        gamma (float): scale of mining="all", > 0.
+        gamma (float): scale of mining="all", finite and > 0.
         margin (float, optional): None for the default of the mining.
         reduction (str): "mean" (over valid centers), "sum" or "none" (Tensor[G], per center).
 
     Returns:
         Tensor[] or Tensor[G] with reduction="none".
     """
-    _checks.check_choice("mining", mining, ("all", "hard"))
+    if margin is None:
+        margin = 0.3 if mining == "hard" else 0.25
+    if reduction != "none":
+        return _OPS.hetero_center_triplet_loss.default(
+            x, labels, modalities, mining, gamma, margin, reduction, _wants_grad(x))[0]
+    torch.ops.reid_ext._check_hetero_center_triplet_loss.default(x, labels, modalities, mining, gamma, margin, reduction)
     centers, center_labels, _ = modality_centers(x, labels, modalities, normalize=mining == "all")
     if mining == "all":
-        return unified_triplet_loss(
-            centers, center_labels, gamma=gamma, margin=0.25 if margin is None else margin, reduction=reduction
-        )
-    return batch_hard_triplet_loss(
-        centers, center_labels, margin=0.3 if margin is None else margin, metric="euclidean", reduction=reduction
-    )
+        return unified_triplet_loss(centers, center_labels, gamma=gamma, margin=margin, reduction="none")
+    return batch_hard_triplet_loss(centers, center_labels, margin=margin, metric="euclidean", reduction="none")
+
+
+@_fake("hetero_center_triplet_loss")
+def _hetero_fake(x, labels, modalities, mining, gamma, margin, reduction, grad_x):
+    return x.new_empty(()), _grad_like(x, grad_x, x)
+
+
+def _hetero_setup(ctx, inputs, output):
+    _, grad_x = output
+    ctx.mark_non_differentiable(grad_x)
+    ctx.computed = inputs[-1]
+    ctx.save_for_backward(grad_x)
+
+
+def _hetero_backward(ops, ctx, grad_loss, _grad_x):
+    _no_double_backward("hetero_center_triplet_loss")
+    (grad_x,) = ctx.saved_tensors
+    if not ctx.computed:
+        raise RuntimeError("hetero_center_triplet_loss computes its gradient in the forward: call it with grad_x=True")
+    return (grad_loss * grad_x,) + (None,) * 7
+
+
+_AUTOGRAD["hetero_center_triplet_loss"] = (_hetero_backward, _hetero_setup)
 
 
 # ---------------------------------------------------------------- cosine_softmax_loss
@@ -476,79 +464,61 @@ def cosine_softmax_loss(
         weight (Tensor[C, D]): class weights (any scale: they are normalized).
         labels (Tensor[N]): integer class indices in [0, C). Out-of-range labels raise on CPU
             and give a NaN loss on CUDA (checking them there would synchronise).
-        scale (float): > 0.
-        margin (float): additive margin on the target cosine.
+        scale (float): finite and > 0.
+        margin (float): finite additive margin on the target cosine.
         label_smoothing (float): in [0, 1).
         reduction (str): "mean" (over the N anchors), "sum" or "none".
 
     Returns:
         Tensor[] or Tensor[N] with reduction="none".
     """
-    _checks.check_cosine_softmax(x, weight, labels, scale, label_smoothing, reduction)
-    if _grad_in_forward(x, reduction, weight) and weight.size(0) <= _CHUNK_CLASSES:
-        loss, _, _ = _OPS._cosine_softmax_loss_with_grad.default(
-            x, weight, labels, float(scale), float(margin), float(label_smoothing), reduction == "mean",
-            x.requires_grad, weight.requires_grad,
-        )
-        return loss
-    loss, _ = _OPS.cosine_softmax_loss.default(
-        x, weight, labels, float(scale), float(margin), float(label_smoothing)
-    )
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    return total if reduction == "sum" else total / max(x.size(0), 1)
+    return _OPS.cosine_softmax_loss.default(
+        x, weight, labels, scale, margin, label_smoothing, reduction, _wants_grad(x), _wants_grad(weight))[0]
 
 
 @_fake("cosine_softmax_loss")
-def _cosine_softmax_fake(x, weight, labels, scale, margin, label_smoothing):
-    n = x.size(0)
-    return x.new_empty(n), x.new_empty(n, dtype=_acc_dtype(x.dtype))
+def _cosine_softmax_fake(x, weight, labels, scale, margin, label_smoothing, reduction, grad_x, grad_weight):
+    scalar = reduction != "none"
+    return (_loss_like(x, reduction), _grad_like(x, scalar and grad_x, x), _grad_like(weight, scalar and grad_weight, x),
+            x.new_empty(x.size(0), dtype=_acc_dtype(x.dtype)))
 
 
 @_fake("_cosine_softmax_loss_backward")
-def _cosine_softmax_backward_fake(grad_loss, x, weight, labels, lse, scale, margin, label_smoothing, x_requires_grad,
-                                  weight_requires_grad):
-    grad_x = x.new_empty(x.shape) if x_requires_grad else x.new_empty(0, x.size(1))
-    grad_weight = weight.new_empty(weight.shape) if weight_requires_grad else x.new_empty(0, x.size(1))
-    return grad_x, grad_weight
+def _cosine_softmax_backward_fake(grad_loss, x, weight, labels, lse, scale, margin, label_smoothing, reduction,
+                                  grad_x, grad_weight):
+    return _grad_like(x, grad_x, x), _grad_like(weight, grad_weight, x)
 
 
 def _cosine_softmax_setup(ctx, inputs, output):
-    x, weight, labels, scale, margin, label_smoothing = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.scale, ctx.margin, ctx.label_smoothing = scale, margin, label_smoothing
+    x, weight, labels, scale, margin, label_smoothing, reduction, grad_x, grad_weight = inputs
+    _, saved_grad_x, saved_grad_weight, lse = output
+    ctx.mark_non_differentiable(saved_grad_x, saved_grad_weight, lse)
+    ctx.in_forward = reduction != "none" and _computed(grad_x, x) and _computed(grad_weight, weight)
+    if ctx.in_forward:
+        ctx.save_for_backward(saved_grad_x, saved_grad_weight)
+        return
+    ctx.scale, ctx.margin, ctx.label_smoothing, ctx.reduction = scale, margin, label_smoothing, reduction
     ctx.save_for_backward(x, weight, labels, lse)
 
 
-def _cosine_softmax_backward(ops, ctx, grad_loss, _grad_lse):
+def _cosine_softmax_backward(ops, ctx, grad_loss, *_unused):
     _no_double_backward("cosine_softmax_loss")
-    x, weight, labels, lse = ctx.saved_tensors
     want_x, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if ctx.in_forward:
+        grad_x, grad_weight = ctx.saved_tensors
+        return (_scaled(grad_loss, grad_x, want_x), _scaled(grad_loss, grad_weight, want_weight)) + (None,) * 7
+    x, weight, labels, lse = ctx.saved_tensors
     grad_x, grad_weight = ops._cosine_softmax_loss_backward.default(
-        grad_loss, x, weight, labels, lse, ctx.scale, ctx.margin, ctx.label_smoothing, want_x, want_weight
+        grad_loss, x, weight, labels, lse, ctx.scale, ctx.margin, ctx.label_smoothing, ctx.reduction, want_x,
+        want_weight,
     )
-    return (grad_x if want_x else None), (grad_weight if want_weight else None), None, None, None, None
+    return (grad_x if want_x else None, grad_weight if want_weight else None) + (None,) * 7
 
 
 _AUTOGRAD["cosine_softmax_loss"] = (_cosine_softmax_backward, _cosine_softmax_setup)
 
 
-# Up to this many classes, the CPU kernel's chunks of logits are whole rows: each gives its
-# anchors' loss and dL/dz at once (see _grad_in_forward).
-_CHUNK_CLASSES = 4096
-
-
-@_fake("_cosine_softmax_loss_with_grad")
-def _cosine_softmax_with_grad_fake(x, weight, labels, scale, margin, label_smoothing, mean, x_requires_grad,
-                                   weight_requires_grad):
-    grad_x = torch.empty_like(x) if x_requires_grad else x.new_empty(0, x.size(1))
-    grad_weight = torch.empty_like(weight) if weight_requires_grad else x.new_empty(0, x.size(1))
-    return x.new_empty(()), grad_x, grad_weight
-
-
-_GRADIENT_IN_FORWARD["_cosine_softmax_loss_with_grad"] = ("cosine_softmax_loss", 9, (0, 1))
+# ---------------------------------------------------------------- registration
 
 
 def _register(namespace: str) -> None:
@@ -566,22 +536,27 @@ def _register(namespace: str) -> None:
 
     for name, (backward, setup) in _AUTOGRAD.items():
         torch.library.register_autograd(f"{namespace}::{name}", bound(backward), setup_context=setup)
-    for name, spec in _GRADIENT_IN_FORWARD.items():
-        backward, setup = _gradient_in_forward_autograd(*spec)
-        torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
+
+
+def _register_checks() -> None:
+    """The _check_* ops (reid_ext.reference's argument checks) have no outputs to fake."""
+    for name in ("cosine_similarity", "unified_triplet_loss", "batch_hard_triplet_loss", "modality_centers",
+                 "hetero_center_triplet_loss", "cosine_softmax_loss"):
+        torch.library.register_fake(f"reid_ext::_check_{name}", lambda *args: None)
 
 
 @contextlib.contextmanager
-def _calling(namespace: str, kernel_device: str):
-    """Within it, the public functions call the ops of `namespace`, whose kernels are those of
-    `kernel_device` (tools/cudasim: the emulated CUDA build on CPU tensors)."""
+def _calling(namespace: str):
+    """Within it, the public functions call the ops of `namespace` (tools/cudasim: the
+    emulated CUDA build, on CPU tensors)."""
     global _OPS
-    saved = _OPS, _checks.KERNEL_DEVICE
-    _OPS, _checks.KERNEL_DEVICE = getattr(torch.ops, namespace), kernel_device
+    saved = _OPS
+    _OPS = getattr(torch.ops, namespace)
     try:
         yield
     finally:
-        _OPS, _checks.KERNEL_DEVICE = saved
+        _OPS = saved
 
 
 _register("reid_ext")
+_register_checks()

@@ -3,14 +3,17 @@
 They build the full N x M similarity matrix and its masks, as
 pytorch-metric-learning, fast-reid and torchreid do. They are the ground truth
 of the tests, the "eager" column of the benchmark, and readable documentation
-of the math. Arithmetic happens in the input dtype.
+of the math. Arithmetic happens in the input dtype, any floating one. Their
+arguments are checked by the fused ops' own checks (the _check_* ops), so both
+raise the same errors.
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+_check = torch.ops.reid_ext
+
 
 __all__ = [
     "cosine_similarity",
@@ -22,13 +25,21 @@ __all__ = [
 ]
 
 
+def _reduce(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Sum over anchors, or that sum over max(#valid, 1)."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp_min(1).to(total.dtype)
+
+
 def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
 def cosine_similarity(x: torch.Tensor, y: Optional[torch.Tensor] = None, eps: float = 1e-12) -> torch.Tensor:
     """S (Tensor[N, M]) = <x_i, y_j> / (max(|x_i|, eps) * max(|y_j|, eps)); y=None means y = x."""
-    _checks.check_cosine_similarity(x, y, eps)
+    _check._check_cosine_similarity.default(x, y, eps)
     xn = _normalize(x, eps)
     yn = xn if y is None else _normalize(y, eps)
     return xn @ yn.t()
@@ -74,7 +85,8 @@ def unified_triplet_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """L_i = softplus(LSE_{n in neg(i)} gamma*(S_in + margin) + LSE_{p in pos(i)} (-gamma*S_ip))."""
-    _checks.check_unified(x, labels, gamma, modalities, mode, ref, ref_labels, ref_modalities, reduction)
+    _check._check_unified_triplet_loss.default(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin,
+                                               mode, reduction)
     self_ref = ref is None
     if self_ref:
         ref, ref_labels, ref_modalities = x, labels, modalities
@@ -84,7 +96,7 @@ def unified_triplet_loss(
     lse_pos = _masked_logsumexp(-gamma * sim, pos)
     valid = pos.any(dim=1) & neg.any(dim=1)
     loss = torch.where(valid, _softplus(lse_neg + lse_pos), torch.zeros_like(lse_neg))
-    return _checks.reduce_loss(loss, valid, reduction)
+    return _reduce(loss, valid, reduction)
 
 
 def _distances(x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -117,10 +129,10 @@ def batch_hard_triplet_loss(
     return_indices: bool = False,
 ):
     """L_i = relu(max_{p in pos(i)} d_ip - min_{n in neg(i)} d_in + margin) (softplus(d_ap - d_an) with soft_margin)."""
-    _checks.check_batch_hard(x, labels, margin, metric, reduction)
+    _check._check_batch_hard_triplet_loss.default(x, labels, margin, metric, reduction)
     n = x.size(0)
     if n == 0:  # max/min below cannot reduce over an empty row
-        loss = _checks.reduce_loss(x.sum(dim=1), torch.zeros(0, dtype=torch.bool, device=x.device), reduction)
+        loss = _reduce(x.sum(dim=1), torch.zeros(0, dtype=torch.bool, device=x.device), reduction)
         none = torch.zeros(0, dtype=torch.long, device=x.device)
         return (loss, none, none) if return_indices else loss
     dist = _distances(x, metric)
@@ -141,7 +153,7 @@ def batch_hard_triplet_loss(
     diff = d_ap - d_an
     per_anchor = _softplus(diff) if soft_margin else F.relu(diff + margin)
     loss = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
-    loss = _checks.reduce_loss(loss, valid, reduction)
+    loss = _reduce(loss, valid, reduction)
     if return_indices:
         return loss, pos_idx, neg_idx
     return loss
@@ -151,7 +163,7 @@ def modality_centers(
     x: torch.Tensor, labels: torch.Tensor, modalities: torch.Tensor, *, normalize: bool = True
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """centers (Tensor[G, D]): mean of (L2-normalized) x over each distinct (label, modality), in that order."""
-    _checks.check_centers(x, labels, modalities)
+    _check._check_modality_centers.default(x, labels, modalities)
     feats = _normalize(x, 1e-12) if normalize else x
     keys = torch.stack([labels.long(), modalities.long()], dim=1)
     uniq, group = torch.unique(keys, dim=0, return_inverse=True)
@@ -174,18 +186,16 @@ def hetero_center_triplet_loss(
 ) -> torch.Tensor:
     """Over the centers g: "all" L_g = log(1 + sum_{n: y_n != y_g} sum_{p != g: y_p = y_g} exp(gamma*(S_gn - S_gp + m)))
     on normalized centers (unified_triplet_loss, mode "all"); "hard" batch-hard euclidean over the raw centers."""
-    _checks.check_choice("mining", mining, ("all", "hard"))
+    if margin is None:
+        margin = 0.3 if mining == "hard" else 0.25
+    _check._check_hetero_center_triplet_loss.default(x, labels, modalities, mining, gamma, margin, reduction)
     if mining == "all":
         # Mode "all": a center's only same-label partners are its other-modality centers, and its
         # negatives are the other identities' centers in every modality.
         centers, c_labels, _ = modality_centers(x, labels, modalities, normalize=True)
-        return unified_triplet_loss(
-            centers, c_labels, gamma=gamma, margin=0.25 if margin is None else margin, reduction=reduction
-        )
+        return unified_triplet_loss(centers, c_labels, gamma=gamma, margin=margin, reduction=reduction)
     centers, c_labels, _ = modality_centers(x, labels, modalities, normalize=False)
-    return batch_hard_triplet_loss(
-        centers, c_labels, margin=0.3 if margin is None else margin, metric="euclidean", reduction=reduction
-    )
+    return batch_hard_triplet_loss(centers, c_labels, margin=margin, metric="euclidean", reduction=reduction)
 
 
 def cosine_softmax_loss(
@@ -199,7 +209,7 @@ def cosine_softmax_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Cross-entropy over logits scale * (cos(x_i, weight_c) - margin * [c == label_i]), weight: Tensor[C, D]."""
-    _checks.check_cosine_softmax(x, weight, labels, scale, label_smoothing, reduction)
+    _check._check_cosine_softmax_loss.default(x, weight, labels, scale, margin, label_smoothing, reduction)
     cos = cosine_similarity(x, weight)
     target = F.one_hot(labels.long(), weight.size(0)).to(cos.dtype)
     logits = scale * (cos - margin * target)

@@ -224,7 +224,7 @@ def test_centers_gradcheck(gen):
 
 
 def test_centers_raw_op_checks_group_ids():
-    with pytest.raises(RuntimeError, match=r"group\[1\] = 3 is not in \[0, num_groups=3\)"):
+    with pytest.raises(ValueError, match=r"group\[1\] = 3 is not in \[0, num_groups=3\)"):
         torch.ops.reid_ext.modality_centers(torch.randn(3, 2), torch.tensor([0, 3, 1]), 3, True)
 
 
@@ -320,42 +320,26 @@ def test_cosine_softmax_chunks(shape, reduction, gen):
 
 
 @pytest.mark.parametrize("shape", [(37, 300), (0, 300), (140, 4000), (5, 4500)])
-@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("wants", [(True, True), (True, False), (False, True)])
-def test_cosine_softmax_with_grad_matches_two_ops(shape, mean, wants, gen):
-    """The CPU op that returns the reduced loss with its gradients (each chunk's dot products for
+def test_cosine_softmax_gradient_in_forward_matches_two_ops(shape, reduction, wants, gen):
+    """The gradients the op returns with the reduced loss (on CPU each chunk's dot products serve
     both directions when chunks are whole rows: one chunk at 37 x 300, chunks of 131 and 9 anchors
-    at 140 x 4000; else the two passes, as for C > 4096) equals the forward and backward ops."""
+    at 140 x 4000; else the two passes, as for C > 4096) equal the backward op's."""
     n, num_classes = shape
     x = features(n, 6, gen, "cpu", requires_grad=False)
     weight = features(num_classes, 6, gen, "cpu", requires_grad=False)
     labels = torch.randint(0, num_classes, (n,), generator=gen)
     ops = torch.ops.reid_ext
-    total, grad_x, grad_w = ops._cosine_softmax_loss_with_grad(x, weight, labels, 8.0, 0.3, 0.1, mean, *wants)
-    loss, lse = ops.cosine_softmax_loss(x, weight, labels, 8.0, 0.3, 0.1)
-    factor = 1.0 / max(n, 1) if mean else 1.0
-    expected_x, expected_w = ops._cosine_softmax_loss_backward(torch.full_like(loss, factor), x, weight, labels, lse,
-                                                               8.0, 0.3, 0.1, *wants)
-    torch.testing.assert_close(total, loss.sum() * factor)
+    total, grad_x, grad_w, _ = ops.cosine_softmax_loss(x, weight, labels, 8.0, 0.3, 0.1, reduction, *wants)
+    loss, _, _, lse = ops.cosine_softmax_loss(x, weight, labels, 8.0, 0.3, 0.1, "none", False, False)
+    expected_x, expected_w = ops._cosine_softmax_loss_backward(torch.ones(()), x, weight, labels, lse, 8.0, 0.3, 0.1,
+                                                               reduction, *wants)
+    torch.testing.assert_close(total, loss.sum() / (max(n, 1) if reduction == "mean" else 1))
     torch.testing.assert_close(grad_x, expected_x)
     torch.testing.assert_close(grad_w, expected_w)
     if wants[1]:
         assert grad_w.shape == weight.shape and (n > 0 or (grad_w == 0).all())
-
-
-def test_cosine_softmax_path_choice(gen):
-    """The one-op path is taken for a CPU scalar reduction under grad with at most 4096 classes."""
-    x = features(8, 6, gen, "cpu")
-    labels = torch.arange(8)
-
-    def node(num_classes, **kwargs):
-        loss = reid_ext.cosine_softmax_loss(x, features(num_classes, 6, gen, "cpu"), labels, **kwargs)
-        return type(loss.grad_fn).__name__
-
-    assert "with_grad" in node(4096)
-    assert "with_grad" in node(4096, reduction="sum")
-    assert "with_grad" not in node(4096, reduction="none")
-    assert "with_grad" not in node(4097)
 
 
 def test_cosine_softmax_gradcheck(gen):
@@ -372,7 +356,7 @@ def test_cosine_softmax_gradcheck(gen):
 
 
 def test_cosine_softmax_label_out_of_range():
-    with pytest.raises(RuntimeError, match=r"labels\[1\] = 5 is not a class index in \[0, C=5\)"):
+    with pytest.raises(ValueError, match=r"labels\[1\] = 5 is not a class index in \[0, C=5\)"):
         reid_ext.cosine_softmax_loss(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 5]))
 
 
@@ -477,27 +461,31 @@ def _opcheck_cases(device):
     weight = torch.randn(5, 6, generator=gen, dtype=dtype).to(torch_device(device)).requires_grad_(True)
     labels = (torch.arange(12) // 3).to(torch_device(device))
     group = (torch.arange(12) % 5).to(torch_device(device))
-    ops = torch.ops.reid_ext
+    ops = reid_ext.ops._OPS
     xd = x.detach()
-    _, _, pos, neg, d_ap, d_an = ops.batch_hard_triplet_loss(xd, labels, 0.3, 0, False)
+    _, _, _, pos, neg, d_ap, d_an = ops.batch_hard_triplet_loss(xd, labels, 0.3, "euclidean", False, "none", False)
     _, counts = ops.modality_centers(xd, group, 5, True)
-    _, lse = ops.cosine_softmax_loss(xd, weight.detach(), labels % 5, 8.0, 0.2, 0.1)
+    _, _, _, lse = ops.cosine_softmax_loss(xd, weight.detach(), labels % 5, 8.0, 0.2, 0.1, "none", False, False)
     ones = torch.ones(12, dtype=dtype, device=torch_device(device))
+    modalities = (torch.arange(12) % 2).to(torch_device(device))
     return [
-        (ops.batch_hard_triplet_loss.default, (x, labels, 0.3, 0, False)),
-        (ops.batch_hard_triplet_loss.default, (x, labels, 0.0, 2, True)),
-        (ops._batch_hard_triplet_loss_backward.default, (ones, xd, pos, neg, d_ap, d_an, 0.3, 0, False)),
+        (ops.batch_hard_triplet_loss.default, (x, labels, 0.3, "euclidean", False, "none", False)),
+        (ops.batch_hard_triplet_loss.default, (x, labels, 0.0, "cosine", True, "mean", True)),
+        (ops._batch_hard_triplet_loss_backward.default, (ones, xd, pos, neg, d_ap, d_an, 0.3, "euclidean", False,
+                                                         "none")),
+        (ops._modality_groups.default, (labels, modalities)),
         (ops.modality_centers.default, (x, group, 5, True)),
         (ops.modality_centers.default, (x, group, 5, False)),
-        (ops._modality_centers_backward.default, (torch.ones(5, 6, dtype=dtype, device=torch_device(device)), xd, group, counts,
-                                                  True)),
-        (ops.cosine_softmax_loss.default, (x, weight, labels % 5, 8.0, 0.2, 0.1)),
+        (ops._modality_centers_backward.default, (torch.ones(5, 6, dtype=dtype, device=torch_device(device)), xd,
+                                                  group, counts, True)),
+        (ops.hetero_center_triplet_loss.default, (x, labels, modalities, "all", 8.0, 0.25, "mean", True)),
+        (ops.hetero_center_triplet_loss.default, (x, labels, modalities, "hard", 8.0, 0.3, "sum", True)),
+        (ops.cosine_softmax_loss.default, (x, weight, labels % 5, 8.0, 0.2, 0.1, "none", False, False)),
+        (ops.cosine_softmax_loss.default, (x, weight, labels % 5, 8.0, 0.2, 0.1, "mean", True, True)),
+        (ops.cosine_softmax_loss.default, (x, weight.detach(), labels % 5, 8.0, 0.2, 0.0, "sum", True, False)),
         (ops._cosine_softmax_loss_backward.default, (ones, xd, weight.detach(), labels % 5, lse, 8.0, 0.2, 0.1,
-                                                     True, True)),
-    ] + ([
-        (ops._cosine_softmax_loss_with_grad.default, (x, weight, labels % 5, 8.0, 0.2, 0.1, True, True, True)),
-        (ops._cosine_softmax_loss_with_grad.default, (x, weight.detach(), labels % 5, 8.0, 0.2, 0.0, False, True, False)),
-    ] if device.name == "cpu" else [])
+                                                     "none", True, True)),
+    ]
 
 
 def test_opcheck(device):
@@ -605,8 +593,6 @@ def test_cuda_kernels_registered_when_built_with_cuda():
                  "_modality_centers_backward", "cosine_softmax_loss", "_cosine_softmax_loss_backward"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CUDA") == reid_ext.WITH_CUDA, name
-    # CPU only: the one-chunk fast path of small CPU problems.
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("reid_ext::_cosine_softmax_loss_with_grad", "CPU")
 
 
 # ---------------------------------------------------------------- bad input
@@ -614,7 +600,8 @@ def test_cuda_kernels_registered_when_built_with_cuda():
 
 BAD = [
     (reid_ext.batch_hard_triplet_loss, dict(metric="manhattan"), "metric must be one of"),
-    (reid_ext.batch_hard_triplet_loss, dict(margin=-0.1), "margin must be >= 0"),
+    (reid_ext.batch_hard_triplet_loss, dict(margin=-0.1), "margin must be a finite number >= 0, got -0.1"),
+    (reid_ext.batch_hard_triplet_loss, dict(margin=float("nan")), "margin must be a finite number >= 0, got nan"),
     (reid_ext.batch_hard_triplet_loss, dict(reduction="avg"), "reduction must be one of"),
     (reid_ext.batch_hard_triplet_loss, dict(labels=torch.zeros(3, dtype=torch.long)), "labels has 3 entries but x"),
     (reid_ext.batch_hard_triplet_loss, dict(x=torch.randn(4)), "x must be a 2-D"),
@@ -623,13 +610,17 @@ BAD = [
     (reid_ext.modality_centers, dict(modalities=torch.zeros(5, dtype=torch.long)), "modalities has 5 entries"),
     (reid_ext.modality_centers, dict(x=torch.randn(4, 0)), "non-empty feature dimension"),
     (reid_ext.hetero_center_triplet_loss, dict(mining="semi"), "mining must be one of"),
-    (reid_ext.hetero_center_triplet_loss, dict(gamma=0.0), "gamma must be > 0"),
+    (reid_ext.hetero_center_triplet_loss, dict(gamma=0.0), "gamma must be a finite number > 0"),
+    (reid_ext.hetero_center_triplet_loss, dict(gamma=float("inf")), "gamma must be a finite number > 0"),
+    (reid_ext.hetero_center_triplet_loss, dict(mining="hard", margin=float("nan")), "margin must be a finite"),
     (reid_ext.hetero_center_triplet_loss, dict(mining="hard", reduction="avg"), "reduction must be one of"),
     (reid_ext.cosine_softmax_loss, dict(weight=torch.randn(5, 2)), "weight has D=2 but x has D=3"),
     (reid_ext.cosine_softmax_loss, dict(weight=torch.randn(5, 3, dtype=torch.float64)), "weight has dtype"),
-    (reid_ext.cosine_softmax_loss, dict(scale=0.0), "scale must be > 0"),
+    (reid_ext.cosine_softmax_loss, dict(scale=0.0), "scale must be a finite number > 0"),
+    (reid_ext.cosine_softmax_loss, dict(scale=float("nan")), "scale must be a finite number > 0"),
+    (reid_ext.cosine_softmax_loss, dict(margin=float("inf")), "margin must be a finite number"),
     (reid_ext.cosine_softmax_loss, dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
-    (reid_ext.cosine_softmax_loss, dict(x=torch.randint(0, 3, (4, 3))), "x must be one of"),
+    (reid_ext.cosine_softmax_loss, dict(x=torch.randint(0, 3, (4, 3))), "x must be a floating-point Tensor"),
 ]
 
 
@@ -651,12 +642,17 @@ def test_bad_input(fn, override, message):
 def test_op_level_checks_name_the_argument():
     """The C++ ops check their arguments too, for callers that skip the Python wrappers."""
     ops = torch.ops.reid_ext
-    with pytest.raises(RuntimeError, match="metric must be 0"):
-        ops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 0.3, 7, False)
-    with pytest.raises(RuntimeError, match="group has 3 entries but x has 4"):
+    with pytest.raises(ValueError, match="metric must be one of 'euclidean', 'sqeuclidean', 'cosine', got 'l1'"):
+        ops.batch_hard_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 0.3, "l1", False, "mean",
+                                    False)
+    with pytest.raises(ValueError, match="group has 3 entries but x has 4"):
         ops.modality_centers(torch.randn(4, 3), torch.zeros(3, dtype=torch.long), 1, True)
-    with pytest.raises(RuntimeError, match="weight has D=2 but x has D=3"):
-        ops.cosine_softmax_loss(torch.randn(4, 3), torch.randn(5, 2), torch.zeros(4, dtype=torch.long), 1.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="weight has D=2 but x has D=3"):
+        ops.cosine_softmax_loss(torch.randn(4, 3), torch.randn(5, 2), torch.zeros(4, dtype=torch.long), 1.0, 0.0, 0.0,
+                                "mean", False, False)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        ops.hetero_center_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long),
+                                       torch.zeros(4, dtype=torch.long), "all", 8.0, 0.25, "none", False)
 
 
 def test_wide_features_match_reference(device, gen):

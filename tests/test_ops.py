@@ -155,28 +155,27 @@ def test_unified_gradcheck(mode, gen):
     assert torch.autograd.gradcheck(with_bank, (x, bank))
 
 
-def _two_pass(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, mean):
-    """The reduced loss and its gradients from the forward op and the backward op."""
+def _two_pass(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, reduction):
+    """The reduced loss and its gradients from the per-anchor forward and the backward op."""
     ops = torch.ops.reid_ext
-    loss, valid, lse_neg, lse_pos = ops.unified_triplet_loss(x, labels, modalities, ref, ref_labels, ref_modalities,
-                                                             gamma, margin, mode)
-    scale = 1.0 / max(int(valid.sum()), 1) if mean else 1.0
+    loss, _, _, valid, lse_neg, lse_pos = ops.unified_triplet_loss(
+        x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, reduction, False, False)
     grad_x, grad_ref = ops._unified_triplet_loss_backward(
-        torch.full_like(loss, scale), x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos,
-        gamma, margin, mode, ref is not None)
-    return loss.sum() * scale, grad_x, grad_ref
+        torch.ones_like(loss), x, labels, modalities, ref, ref_labels, ref_modalities, valid, lse_neg, lse_pos,
+        gamma, margin, mode, reduction, ref is not None)
+    return loss, grad_x, grad_ref
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize(
     "shape", [(45, None), (131, None), (300, None), (600, None), (40, 200), (500, 300), (1000, 300), (300, 20000),
               (4, 131073)])
-def test_unified_with_grad_matches_two_pass(mode, mean, shape, gen):
-    """The CPU op that returns the loss with its gradient equals the two ops: one tile for both
-    directions when the problem fits (up to 512 x 512 pairs); panels of whole rows against a bank
-    (256 + 256 + 256 + 232 rows at M=300, 209 + 91 rows at M=20000: 2^22 pairs at most); else a
-    forward and a backward pass (600 anchors against themselves; a bank over 131072)."""
+def test_unified_gradient_in_forward_matches_two_pass(mode, reduction, shape, gen):
+    """The op's gradient in the forward equals the backward op's, on every CPU path: one tile for
+    both directions (up to 512 x 512 pairs); panels of whole rows against a bank (256 + 256 + 256
+    + 232 rows at M=300, 209 + 91 rows at M=20000: 2^22 pairs at most); else a forward and a
+    backward pass (600 anchors against themselves; a bank over 131072)."""
     n, m = shape
     x, labels, modalities = unified_case(n, 12, gen, "cpu", "pk", mode, requires_grad=False)
     ref = ref_labels = ref_modalities = None
@@ -184,46 +183,51 @@ def test_unified_with_grad_matches_two_pass(mode, mean, shape, gen):
         ref = features(m, 12, gen, "cpu", requires_grad=False)
         ref_labels = torch.randint(0, n // 4, (m,), generator=gen)
         ref_modalities = torch.randint(0, 2, (m,), generator=gen)
-    args = (x, labels, modalities, ref, ref_labels, ref_modalities, 6.0, 0.2, MODES.index(mode))
-    loss, grad_x, grad_ref = torch.ops.reid_ext._unified_triplet_loss_with_grad(*args, mean, ref is not None)
-    expected = _two_pass(*args, mean)
+    args = (x, labels, modalities, ref, ref_labels, ref_modalities, 6.0, 0.2, mode, reduction)
+    loss, grad_x, grad_ref, *_ = torch.ops.reid_ext.unified_triplet_loss(*args, True, ref is not None)
+    expected = _two_pass(*args)
     torch.testing.assert_close(loss, expected[0])
     torch.testing.assert_close(grad_x, expected[1])
     torch.testing.assert_close(grad_ref, expected[2])
     if ref is not None:  # a detached bank gets no gradient, and the anchors the same one
-        _, grad_x_only, no_grad_ref = torch.ops.reid_ext._unified_triplet_loss_with_grad(*args, mean, False)
+        _, grad_x_only, no_grad_ref, *_ = torch.ops.reid_ext.unified_triplet_loss(*args, True, False)
         torch.testing.assert_close(grad_x_only, expected[1])
         assert no_grad_ref.shape == (0, x.size(1))
     # and both equal the reference (131 anchors: the odd split of the mirrored dot products)
     kwargs = dict(gamma=6.0, margin=0.2, modalities=modalities, mode=mode, ref=ref, ref_labels=ref_labels,
-                  ref_modalities=ref_modalities, reduction="mean" if mean else "sum")
+                  ref_modalities=ref_modalities, reduction=reduction)
     x_ref = x.clone().requires_grad_(True)
     expected_loss = reference.unified_triplet_loss(x_ref, labels, **kwargs)
     torch.testing.assert_close(loss, expected_loss.detach())
     torch.testing.assert_close(grad_x, torch.autograd.grad(expected_loss, x_ref)[0])
 
 
-def test_unified_path_choice(gen):
-    """The one-op path is taken exactly when it pays: small CPU problem, scalar reduction, grad wanted."""
-    x, labels, _ = unified_case(64, 8, gen, "cpu", "pk", "all")
+def test_gradient_in_forward_exactly_when_training(device, gen):
+    """The op returns the gradients with the loss when it will be differentiated with a scalar
+    reduction, whatever the size or device (the op picks its own kernel path), and not otherwise."""
+    x, labels, _ = unified_case(64, 8, gen, device, "pk", "all", device.dtype)
+    ops = reid_ext.ops._OPS
 
-    def node(**kwargs):
-        loss = reid_ext.unified_triplet_loss(x, labels, **kwargs)
-        return type(loss.grad_fn).__name__ if loss.grad_fn is not None else None
+    def grads(x, reduction="mean", **kwargs):
+        _, grad_x, grad_ref, *_ = ops.unified_triplet_loss(
+            x, labels, None, kwargs.get("ref"), kwargs.get("ref_labels"), None, 8.0, 0.25, "all", reduction,
+            reid_ext.ops._wants_grad(x), reid_ext.ops._wants_grad(kwargs.get("ref")))
+        return grad_x.size(0), grad_ref.size(0)
 
-    assert "with_grad" in node()
-    assert "with_grad" in node(reduction="sum")
-    assert "with_grad" not in node(reduction="none")
-    assert "with_grad" in type(reid_ext.unified_triplet_loss(*unified_case(512, 8, gen, "cpu", "pk", "all")[:2])
-                               .grad_fn).__name__
-    big, big_labels, _ = unified_case(513, 8, gen, "cpu", "pk", "all")
-    assert "with_grad" not in type(reid_ext.unified_triplet_loss(big, big_labels).grad_fn).__name__
-    for bank_size, panels in [(4096, True), (131072, True), (131073, False)]:  # panels of >= 32 whole rows
-        bank = features(bank_size, 8, gen, "cpu", requires_grad=False)
-        bank_labels = torch.randint(0, 16, (bank_size,), generator=gen)
-        assert ("with_grad" in node(ref=bank, ref_labels=bank_labels)) == panels
+    assert grads(x) == (64, 0) and grads(x, "sum") == (64, 0)
+    assert grads(x, "none") == (0, 0)
+    assert grads(x.detach()) == (0, 0)
     with torch.no_grad():
-        assert node() is None
+        assert grads(x) == (0, 0)
+    bank = features(100, 8, gen, device, device.dtype)
+    bank_labels = torch.randint(0, 16, (100,), generator=gen).to(torch_device(device))
+    assert grads(x.detach(), ref=bank, ref_labels=bank_labels) == (0, 100)
+    loss = reid_ext.unified_triplet_loss(x, labels, ref=bank, ref_labels=bank_labels, gamma=8.0)
+    grad_x, grad_bank = torch.autograd.grad(2.0 * loss, [x, bank])
+    expected = reference.unified_triplet_loss(x, labels, ref=bank, ref_labels=bank_labels, gamma=8.0)
+    expected_x, expected_bank = torch.autograd.grad(2.0 * expected, [x, bank])
+    torch.testing.assert_close(grad_x, expected_x, **device.tol)
+    torch.testing.assert_close(grad_bank, expected_bank, **device.tol)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -309,26 +313,30 @@ def _opcheck_cases(device):
     ref_mods = (torch.arange(9) % 2).to(torch_device(device))
     bank = torch.randn(300, 6, generator=gen, dtype=dtype).to(torch_device(device)).requires_grad_(True)
     bank_labels, bank_mods = (torch.arange(300) % 4).to(torch_device(device)), (torch.arange(300) % 2).to(torch_device(device))
-    ops = torch.ops.reid_ext
-    loss, valid, lse_neg, lse_pos = ops.unified_triplet_loss(x.detach(), labels, mods, y.detach(), ref_labels,
-                                                             ref_mods, 4.0, 0.25, 1)
+    ops = reid_ext.ops._OPS
+    loss, _, _, valid, lse_neg, lse_pos = ops.unified_triplet_loss(x.detach(), labels, mods, y.detach(), ref_labels,
+                                                                   ref_mods, 4.0, 0.25, "cross", "none", False, False)
     sim = ops.cosine_similarity(x.detach(), y.detach(), 1e-12)
     return [
         (ops.cosine_similarity.default, (x, y, 1e-12)),
         (ops.cosine_similarity.default, (x, None, 1e-12)),
         (ops._cosine_similarity_backward.default, (torch.ones_like(sim), x.detach(), y.detach(), 1e-12)),
-        (ops.unified_triplet_loss.default, (x, labels, None, None, None, None, 4.0, 0.25, 0)),
-        (ops.unified_triplet_loss.default, (x, labels, mods, y, ref_labels, ref_mods, 4.0, 0.25, 1)),
+        (ops.unified_triplet_loss.default, (x, labels, None, None, None, None, 4.0, 0.25, "all", "none", False, False)),
+        (ops.unified_triplet_loss.default,
+         (x, labels, mods, y, ref_labels, ref_mods, 4.0, 0.25, "cross", "none", False, False)),
         (ops._unified_triplet_loss_backward.default,
          (torch.ones_like(loss), x.detach(), labels, mods, y.detach(), ref_labels, ref_mods, valid, lse_neg, lse_pos,
-          4.0, 0.25, 1, True)),
-    ] + ([
-        (ops._unified_triplet_loss_with_grad.default, (x, labels, None, None, None, None, 4.0, 0.25, 0, True, False)),
-        (ops._unified_triplet_loss_with_grad.default,
-         (x, labels, mods, y, ref_labels, ref_mods, 4.0, 0.25, 1, False, True)),
-        (ops._unified_triplet_loss_with_grad.default,  # a bank of 300: one panel
-         (x, labels, mods, bank, bank_labels, bank_mods, 4.0, 0.25, 1, True, True)),
-    ] if device.name == "cpu" else [])
+          4.0, 0.25, "cross", "none", True)),
+        (ops._unified_triplet_loss_backward.default,  # a reduced loss's scalar grad_loss
+         (torch.ones(()), x.detach(), labels, mods, y.detach(), ref_labels, ref_mods, valid, lse_neg, lse_pos,
+          4.0, 0.25, "cross", "mean", True)),
+        # the gradients in the forward: a single tile, a bank against which (on CPU) panels run
+        (ops.unified_triplet_loss.default, (x, labels, None, None, None, None, 4.0, 0.25, "all", "mean", True, False)),
+        (ops.unified_triplet_loss.default,
+         (x, labels, mods, y, ref_labels, ref_mods, 4.0, 0.25, "cross", "sum", False, True)),
+        (ops.unified_triplet_loss.default,
+         (x, labels, mods, bank, bank_labels, bank_mods, 4.0, 0.25, "intra", "mean", True, True)),
+    ]
 
 
 def test_opcheck(device):
@@ -423,19 +431,23 @@ def test_no_host_synchronisation(gen):
 BAD_UNIFIED = [
     (dict(x=torch.randn(4)), "x must be a 2-D"),
     (dict(x=torch.randn(4, 0)), "non-empty feature dimension"),
-    (dict(x=torch.randint(0, 3, (4, 3))), "x must be one of"),
+    (dict(x=torch.randint(0, 3, (4, 3))), "x must be a floating-point Tensor"),
     (dict(labels=torch.zeros(5, dtype=torch.long)), "labels has 5 entries but x has 4"),
     (dict(labels=torch.zeros(4)), "labels must be an integer"),
     (dict(labels=torch.zeros(4, 1, dtype=torch.long)), "labels must be a 1-D"),
     (dict(mode="sideways"), "mode must be one of"),
     (dict(reduction="avg"), "reduction must be one of"),
-    (dict(gamma=0.0), "gamma must be > 0"),
-    (dict(mode="cross"), "modalities is required"),
+    (dict(gamma=0.0), "gamma must be a finite number > 0, got 0"),
+    (dict(gamma=float("inf")), "gamma must be a finite number > 0, got inf"),
+    (dict(gamma=float("nan")), "gamma must be a finite number > 0, got nan"),
+    (dict(margin=float("inf")), "margin must be a finite number, got inf"),
+    (dict(margin=float("nan")), "margin must be a finite number, got nan"),
+    (dict(mode="cross"), "modalities is required when mode='cross'"),
     (dict(modalities=torch.zeros(3, dtype=torch.long)), "modalities has 3 entries"),
     (dict(ref=torch.randn(6, 3)), "ref_labels is required"),
     (dict(ref=torch.randn(6, 2), ref_labels=torch.zeros(6, dtype=torch.long)), "ref has D=2 but x has D=3"),
     (dict(ref=torch.randn(6, 3, dtype=torch.float64), ref_labels=torch.zeros(6, dtype=torch.long)),
-     "ref has dtype torch.float64"),
+     "ref has dtype Double but x has Float"),
     (dict(ref=torch.randn(6, 3), ref_labels=torch.zeros(5, dtype=torch.long)), "ref_labels has 5 entries but ref"),
     (dict(ref=torch.randn(6, 3), ref_labels=torch.zeros(6, dtype=torch.long), mode="intra",
           modalities=torch.zeros(4, dtype=torch.long)), "ref_modalities is required"),
@@ -453,6 +465,13 @@ def test_unified_bad_input(override, message):
             fn(x, labels, **args)
 
 
+@pytest.mark.parametrize("name", ["gamma", "margin"])
+def test_a_string_for_a_number_names_the_argument(name):
+    for fn in (reid_ext.unified_triplet_loss, reference.unified_triplet_loss):
+        with pytest.raises(RuntimeError, match=f"argument '{name}'"):
+            fn(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), **{name: "2"})
+
+
 @CUDA
 def test_device_mismatch_is_named():
     with pytest.raises(ValueError, match="labels is on cpu but x is on cuda"):
@@ -466,7 +485,8 @@ def test_device_mismatch_is_named():
     [
         ((torch.randn(3, 4), torch.randn(3, 5)), "y has D=5 but x has D=4"),
         ((torch.randn(3),), "x must be a 2-D"),
-        ((torch.randn(3, 4), None, 0.0), "eps must be > 0"),
+        ((torch.randn(3, 4), None, 0.0), "eps must be a finite number > 0"),
+        ((torch.randn(3, 4), None, float("nan")), "eps must be a finite number > 0"),
     ],
 )
 def test_cosine_bad_input(args, message):
@@ -478,12 +498,15 @@ def test_cosine_bad_input(args, message):
 def test_op_level_checks_name_the_argument():
     """The C++ ops check their arguments too, for callers that skip the Python wrappers."""
     ops = torch.ops.reid_ext
-    with pytest.raises(RuntimeError, match="labels has 3 entries but x has 4"):
+    with pytest.raises(ValueError, match="labels has 3 entries but x has 4"):
         ops.unified_triplet_loss(torch.randn(4, 3), torch.zeros(3, dtype=torch.long), None, None, None, None,
-                                 1.0, 0.0, 0)
-    with pytest.raises(RuntimeError, match="modalities is required"):
+                                 1.0, 0.0, "all", "mean", False, False)
+    with pytest.raises(ValueError, match="modalities is required"):
         ops.unified_triplet_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), None, None, None, None,
-                                 1.0, 0.0, 1)
+                                 1.0, 0.0, "cross", "mean", False, False)
+    with pytest.raises(TypeError, match="x must be float32 or float64 on CPU, got Half"):
+        ops.unified_triplet_loss(torch.randn(4, 3).half(), torch.zeros(4, dtype=torch.long), None, None, None, None,
+                                 1.0, 0.0, "all", "mean", False, False)
 
 
 # ---------------------------------------------------------------- build
@@ -495,8 +518,6 @@ def test_cuda_kernels_registered_when_built_with_cuda():
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"reid_ext::{name}", "CUDA") == reid_ext.WITH_CUDA, name
-    # CPU only: the one-tile fast path of small CPU problems (a GPU runs such a problem in one launch per direction).
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("reid_ext::_unified_triplet_loss_with_grad", "CPU")
 
 
 def test_triplet_identity():

@@ -21,10 +21,10 @@ labels = torch.arange(n) % 5
 
 # (name, expression, expected shapes of the outputs), with x_requires_grad / weight_requires_grad spelt xg, wg.
 COSINE_SOFTMAX = [
-    ("with_grad", "ops._cosine_softmax_loss_with_grad(x, w, labels, 64., .35, 0., True, {xg}, {wg})",
-     lambda n, xg, wg: [(), (n, 4) if xg else (0, 4), (5, 4) if wg else (0, 4)]),
+    ("forward", "ops.cosine_softmax_loss(x, w, labels, 64., .35, 0., 'mean', {xg}, {wg})",
+     lambda n, xg, wg: [(), (n, 4) if xg else (0, 4), (5, 4) if wg else (0, 4), (n,)]),
     ("backward", "ops._cosine_softmax_loss_backward(torch.ones(n, dtype=x.dtype), x, w, labels, "
-                 "torch.zeros(n, dtype=x.dtype), 64., .35, 0., {xg}, {wg})",
+                 "torch.zeros(n, dtype=x.dtype), 64., .35, 0., 'none', {xg}, {wg})",
      lambda n, xg, wg: [(n, 4) if xg else (0, 4), (5, 4) if wg else (0, 4)]),
 ]
 
@@ -47,9 +47,9 @@ def test_cosine_softmax_private_ops_with_any_wanted_gradients(n):
 
 
 def test_want_nothing_gradients_are_consistent():
-    """With no gradient wanted the with_grad op still returns the loss of the public op."""
+    """With no gradient wanted the op still returns the loss of the public function."""
     code = SETUP.format(n=6) + """
-total, gx, gw = ops._cosine_softmax_loss_with_grad(x, w, labels, 64., .35, 0., True, False, False)
+total, gx, gw, lse = ops.cosine_softmax_loss(x, w, labels, 64., .35, 0., 'mean', False, False)
 torch.testing.assert_close(total, reid_ext.cosine_softmax_loss(x, w, labels, scale=64., margin=.35))
 print("ok")
 """

@@ -168,7 +168,9 @@ def load(sanitizer: Optional[str] = None, verbose: bool = False):
     build_dir = ROOT / "build" / "cudasim" / variant
     build_dir.mkdir(parents=True, exist_ok=True)
     runtime = _build_runtime(build_dir)
-    glue = sorted(str(p) for p in (ROOT / "csrc" / "cuda").glob("*_cuda.cpp"))
+    # The CUDA glue, and the op composed of the others (dispatched to this build's kernels).
+    glue = sorted(str(p) for p in (ROOT / "csrc" / "cuda").glob("*_cuda.cpp")) + [
+        str(ROOT / "csrc" / "hetero_center_triplet_loss.cpp")]
     flags = ["-O1" if sanitizer else "-O2", "-g", "-DREID_EXT_CUDASIM"] + (SANITIZERS[sanitizer]["flags"] if sanitizer else [])
     module = cpp_extension.load(
         name=f"reid_ext_cudasim_{variant}",
@@ -191,7 +193,7 @@ def device():
     load()
     import reid_ext
 
-    with reid_ext.ops._calling("reid_ext_cudasim", "cuda"):
+    with reid_ext.ops._calling("reid_ext_cudasim"):
         yield
 
 
@@ -204,7 +206,10 @@ def main(argv=None) -> int:
     if args.command == "build":
         code = f"import sys; sys.path.insert(0, {str(ROOT / 'tools')!r}); import cudasim; cudasim.load(verbose=True)"
         return subprocess.run([sys.executable, "-c", code], env=env).returncode
-    return subprocess.run([sys.executable, "-m", "pytest", *rest], env=env, cwd=ROOT).returncode
+    # A sanitizer reports on file descriptor 2 and ends the process: pytest must not capture it there,
+    # or the report goes down with the process.
+    capture = ["--capture=sys"] if args.sanitizer else []
+    return subprocess.run([sys.executable, "-m", "pytest", *capture, *rest], env=env, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

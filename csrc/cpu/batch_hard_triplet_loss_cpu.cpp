@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "cpu/family_tiles_cpu.h"
+#include "reduction.h"
 
 namespace reid_ext {
 namespace cpu {
@@ -73,25 +74,6 @@ void forward_impl(const at::Tensor& x, const int64_t* labels, scalar_t margin, i
       loss_out[i] = batch_hard_anchor_loss(ap_out[i], an_out[i], margin, soft, ok);
     }
   });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_loss_cpu(
-    const at::Tensor& x_in, const at::Tensor& labels_in, double margin, int64_t metric, bool soft_margin) {
-  check_batch_hard_inputs(x_in, labels_in, margin, metric);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
-  const int64_t n = x.size(0);
-  at::Tensor loss = at::empty({n}, x.options());
-  at::Tensor valid = at::empty({n}, x.options().dtype(at::kBool));
-  at::Tensor pos_idx = at::empty({n}, x.options().dtype(at::kLong));
-  at::Tensor neg_idx = at::empty({n}, x.options().dtype(at::kLong));
-  at::Tensor dist_ap = at::empty({n}, x.options());
-  at::Tensor dist_an = at::empty({n}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_hard_triplet_loss_cpu", [&] {
-    forward_impl<scalar_t>(x, labels.data_ptr<int64_t>(), static_cast<scalar_t>(margin), static_cast<int>(metric),
-                           soft_margin, loss, valid, pos_idx, neg_idx, dist_ap, dist_an);
-  });
-  return {loss, valid, pos_idx, neg_idx, dist_ap, dist_an};
 }
 
 // The 2N selected pairs: pair p < N is (anchor p, pos_idx[p]), pair p >= N is
@@ -158,12 +140,14 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& x, const int64
 at::Tensor batch_hard_triplet_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& x_in,
                                                 const at::Tensor& pos_idx, const at::Tensor& neg_idx,
                                                 const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin,
-                                                int64_t metric, bool soft_margin) {
+                                                c10::string_view metric_name, bool soft_margin,
+                                                c10::string_view reduction) {
   check_features(x_in, "x");
-  check_batch_hard_options(margin, metric);
+  check_cpu_dtype(x_in, "x");
+  check_finite_nonnegative(margin, "margin");
+  const Metric metric = parse_metric(metric_name);
   check_index(pos_idx, "pos_idx", x_in, "x");
   check_index(neg_idx, "neg_idx", x_in, "x");
-  check_per_row(grad_loss, "grad_loss", x_in);
   check_per_row(dist_ap, "dist_ap", x_in);
   check_per_row(dist_an, "dist_an", x_in);
   const at::Tensor x = x_in.contiguous();
@@ -173,18 +157,51 @@ at::Tensor batch_hard_triplet_loss_backward_cpu(const at::Tensor& grad_loss, con
   const int64_t* pos_data = pos.data_ptr<int64_t>();
   const int64_t* neg_data = neg.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(pos_data[i] >= -1 && pos_data[i] < n && neg_data[i] >= -1 && neg_data[i] < n,
-                "pos_idx and neg_idx must be in [-1, N)");
+    TORCH_CHECK_VALUE(pos_data[i] >= -1 && pos_data[i] < n && neg_data[i] >= -1 && neg_data[i] < n,
+                      "pos_idx and neg_idx must be in [-1, N)");
   }
   at::Tensor grad_x = at::empty_like(x);
+  const at::Tensor grads = anchor_grads(grad_loss, x, pos.ge(0).logical_and(neg.ge(0)), parse_reduction(reduction));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_hard_triplet_loss_backward_cpu", [&] {
-    const at::Tensor g = grad_loss.to(x.scalar_type()).contiguous();
+    const at::Tensor g = grads.to(x.scalar_type()).contiguous();
     const at::Tensor ap = dist_ap.to(x.scalar_type()).contiguous();
     const at::Tensor an = dist_an.to(x.scalar_type()).contiguous();
     backward_impl<scalar_t>(g, x, pos_data, neg_data, ap.data_ptr<scalar_t>(), an.data_ptr<scalar_t>(),
-                            static_cast<scalar_t>(margin), static_cast<int>(metric), soft_margin, grad_x);
+                            static_cast<scalar_t>(margin), metric, soft_margin, grad_x);
   });
   return grad_x;
+}
+
+// The loss, reduced, the hardest pairs, and with a scalar reduction and grad_x the gradient
+// (two distances per anchor: the backward pass is O(N * D)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+batch_hard_triplet_loss_cpu(const at::Tensor& x_in, const at::Tensor& labels_in, double margin,
+                            c10::string_view metric_name, bool soft_margin, c10::string_view reduction,
+                            bool grad_x) {
+  const BatchHardArgs args = check_batch_hard_args(x_in, labels_in, margin, metric_name, reduction);
+  check_cpu_dtype(x_in, "x");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t n = x.size(0);
+  at::Tensor loss = at::empty({n}, x.options());
+  at::Tensor valid = at::empty({n}, x.options().dtype(at::kBool));
+  at::Tensor pos_idx = at::empty({n}, x.options().dtype(at::kLong));
+  at::Tensor neg_idx = at::empty({n}, x.options().dtype(at::kLong));
+  at::Tensor dist_ap = at::empty({n}, x.options());
+  at::Tensor dist_an = at::empty({n}, x.options());
+  const bool with_grad = grad_x && args.reduction != Reduction::kNone;
+  at::Tensor grad = with_grad ? at::empty_like(x) : no_gradient(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_hard_triplet_loss_cpu", [&] {
+    forward_impl<scalar_t>(x, labels.data_ptr<int64_t>(), static_cast<scalar_t>(margin), args.metric, soft_margin,
+                           loss, valid, pos_idx, neg_idx, dist_ap, dist_an);
+    if (with_grad) {
+      backward_impl<scalar_t>(reduction_weights(loss, valid, args.reduction), x, pos_idx.data_ptr<int64_t>(),
+                              neg_idx.data_ptr<int64_t>(), dist_ap.data_ptr<scalar_t>(),
+                              dist_an.data_ptr<scalar_t>(), static_cast<scalar_t>(margin), args.metric, soft_margin,
+                              grad);
+    }
+  });
+  return {reduce_anchors(loss, valid, args.reduction), grad, valid, pos_idx, neg_idx, dist_ap, dist_an};
 }
 
 }  // namespace

@@ -43,12 +43,8 @@ at::Tensor normalized(const at::Tensor& a, const std::vector<scalar_t>& inv) {
 }
 
 void check_cosine(const at::Tensor& x, const c10::optional<at::Tensor>& y, double eps) {
-  check_features(x, "x");
-  if (y.has_value()) {
-    check_features(*y, "y");
-    check_same(*y, "y", x, "x");
-  }
-  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
+  check_cosine_similarity_args(x, y, eps);
+  check_cpu_dtype(x, "x");
 }
 
 at::Tensor cosine_similarity_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, double eps) {
@@ -70,8 +66,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cpu(
   check_cosine(x_in, y_in, eps);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.has_value() ? y_in->contiguous() : x;
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == x.size(0) && grad_in.size(1) == y.size(0),
-              "grad must be Tensor[N, M] like the similarity");
+  TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == x.size(0) && grad_in.size(1) == y.size(0),
+                    "grad must be Tensor[N, M] = [", x.size(0), ", ", y.size(0), "], got shape ", grad_in.sizes());
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
   at::Tensor grad_x, grad_y = at::empty({0, x.size(1)}, x.options());
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs below are internal, not part of the graph

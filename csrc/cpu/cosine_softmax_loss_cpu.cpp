@@ -15,6 +15,7 @@
 
 #include "cpu/family_tiles_cpu.h"
 #include "cpu/tiles_cpu.h"
+#include "reduction.h"
 
 namespace reid_ext {
 namespace cpu {
@@ -299,39 +300,22 @@ void fused_impl(const Problem<scalar_t>& pb, scalar_t factor, at::Tensor& loss, 
   if (grad_w) normalization_backward<scalar_t>(pb.weight, pb.nw.inv, pb.nw.radial, *grad_w);
 }
 
-std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
-                                                           const at::Tensor& labels_in, double scale, double margin,
-                                                           double label_smoothing) {
-  check_cosine_softmax_inputs(x_in, weight_in, labels_in, scale, label_smoothing);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor labels = family::checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
-  at::Tensor loss = at::empty({x.size(0)}, x.options());
-  at::Tensor lse = at::empty({x.size(0)}, x.options());
-  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs inside are not part of the graph
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_softmax_loss_cpu", [&] {
-    const Problem<scalar_t> pb(x, weight, labels, scale, margin, label_smoothing);
-    forward_impl<scalar_t>(pb, loss, lse);
-  });
-  return {loss, lse};
-}
-
 std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels_in,
-    const at::Tensor& lse_in, double scale, double margin, double label_smoothing, bool x_requires_grad,
-    bool weight_requires_grad) {
-  check_cosine_softmax_inputs(x_in, weight_in, labels_in, scale, label_smoothing);
-  check_per_row(grad_loss, "grad_loss", x_in);
+    const at::Tensor& lse_in, double scale, double margin, double label_smoothing, c10::string_view reduction,
+    bool x_requires_grad, bool weight_requires_grad) {
+  const Reduction r = check_cosine_softmax_args(x_in, weight_in, labels_in, scale, margin, label_smoothing, reduction);
+  check_cpu_dtype(x_in, "x");
   check_per_row(lse_in, "lse", x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor labels = family::checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
   const int64_t d = x.size(1);
-  at::Tensor grad_x = x_requires_grad ? at::empty_like(x) : at::empty({0, d}, x.options());
-  at::Tensor grad_w = weight_requires_grad ? at::empty_like(weight) : at::empty({0, d}, x.options());
+  at::Tensor grad_x = x_requires_grad ? at::empty_like(x) : no_gradient(x);
+  at::Tensor grad_w = weight_requires_grad ? at::empty_like(weight) : no_gradient(x);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_softmax_loss_backward_cpu", [&] {
-    const at::Tensor g = grad_loss.to(x.scalar_type()).contiguous();
+    const at::Tensor g = anchor_grads(grad_loss, x, at::Tensor(), r).to(x.scalar_type()).contiguous();
     const at::Tensor lse = lse_in.to(x.scalar_type()).contiguous();
     const Problem<scalar_t> pb(x, weight, labels, scale, margin, label_smoothing);
     backward_impl<scalar_t>(pb, g.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), x_requires_grad ? &grad_x : nullptr,
@@ -340,40 +324,43 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cpu(
   return {grad_x, grad_w};
 }
 
-// The mean (over the N anchors) or sum of the loss, with its gradients, in one call: fused_impl
-// when the chunks are whole rows, else the forward and the backward passes.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_loss_with_grad_cpu(
+// The loss, reduced ("mean" over the N anchors), and with a scalar reduction the gradients that
+// grad_x / grad_weight ask for: fused_impl when the chunks are whole rows, else the forward and
+// the backward passes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_softmax_loss_cpu(
     const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels_in, double scale, double margin,
-    double label_smoothing, bool mean, bool x_requires_grad, bool weight_requires_grad) {
-  check_cosine_softmax_inputs(x_in, weight_in, labels_in, scale, label_smoothing);
+    double label_smoothing, c10::string_view reduction_name, bool grad_x, bool grad_weight) {
+  const Reduction reduction =
+      check_cosine_softmax_args(x_in, weight_in, labels_in, scale, margin, label_smoothing, reduction_name);
+  check_cpu_dtype(x_in, "x");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor labels = family::checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
   const int64_t n = x.size(0), d = x.size(1);
+  const bool want_x = grad_x && reduction != Reduction::kNone, want_w = grad_weight && reduction != Reduction::kNone;
   at::Tensor loss = at::empty({n}, x.options());
   at::Tensor lse = at::empty({n}, x.options());
-  at::Tensor total = at::empty({}, x.options());
-  at::Tensor grad_x = x_requires_grad ? at::empty_like(x) : at::empty({0, d}, x.options());
-  at::Tensor grad_w = weight_requires_grad ? at::empty_like(weight) : at::empty({0, d}, x.options());
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_softmax_loss_with_grad_cpu", [&] {
+  at::Tensor grad_x_out = want_x ? at::empty_like(x) : no_gradient(x);
+  at::Tensor grad_w_out = want_w ? at::empty_like(weight) : no_gradient(x);
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs inside are not part of the graph
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_softmax_loss_cpu", [&] {
     const Problem<scalar_t> pb(x, weight, labels, scale, margin, label_smoothing);
-    const scalar_t factor = mean ? scalar_t(1) / scalar_t(std::max<int64_t>(n, 1)) : scalar_t(1);
-    at::Tensor* gx = x_requires_grad ? &grad_x : nullptr;
-    at::Tensor* gw = weight_requires_grad ? &grad_w : nullptr;
+    if (!want_x && !want_w) {
+      forward_impl<scalar_t>(pb, loss, lse);
+      return;
+    }
+    at::Tensor* gx = want_x ? &grad_x_out : nullptr;
+    at::Tensor* gw = want_w ? &grad_w_out : nullptr;
+    // Without validity, the weights of a reduction are known before the loss.
+    const at::Tensor weights = reduction_weights(loss, at::Tensor(), reduction);
     if (weight.size(0) <= kChunkClasses) {
-      fused_impl<scalar_t>(pb, factor, loss, lse, gx, gw);
+      fused_impl<scalar_t>(pb, n > 0 ? weights.data_ptr<scalar_t>()[0] : scalar_t(1), loss, lse, gx, gw);
     } else {
       forward_impl<scalar_t>(pb, loss, lse);
-      const std::vector<scalar_t> grad(n, factor);
-      backward_impl<scalar_t>(pb, grad.data(), lse.data_ptr<scalar_t>(), gx, gw);
+      backward_impl<scalar_t>(pb, weights.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), gx, gw);
     }
-    const scalar_t* loss_data = loss.data_ptr<scalar_t>();
-    scalar_t sum = 0;
-    for (int64_t i = 0; i < n; ++i) sum += loss_data[i];
-    total.fill_(sum * factor);
   });
-  return {total, grad_x, grad_w};
+  return {reduce_anchors(loss, at::Tensor(), reduction), grad_x_out, grad_w_out, lse};
 }
 
 }  // namespace
@@ -381,7 +368,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_loss_with_grad_cpu
 TORCH_LIBRARY_IMPL(reid_ext, CPU, m) {
   m.impl("cosine_softmax_loss", &cosine_softmax_loss_cpu);
   m.impl("_cosine_softmax_loss_backward", &cosine_softmax_loss_backward_cpu);
-  m.impl("_cosine_softmax_loss_with_grad", &cosine_softmax_loss_with_grad_cpu);
 }
 
 }  // namespace cpu

@@ -36,8 +36,8 @@ inline at::Tensor checked_indices(const at::Tensor& values, const char* name, co
   at::Tensor v = values.to(at::kLong).contiguous();
   const int64_t* data = v.data_ptr<int64_t>();
   for (int64_t i = 0; i < v.numel(); ++i) {
-    TORCH_CHECK(data[i] >= 0 && data[i] < limit, name, "[", i, "] = ", data[i], " is not ", what, " [0, ", limit_name,
-                "=", limit, ")");
+    TORCH_CHECK_VALUE(data[i] >= 0 && data[i] < limit, name, "[", i, "] = ", data[i], " is not ", what, " [0, ",
+                      limit_name, "=", limit, ")");
   }
   return v;
 }

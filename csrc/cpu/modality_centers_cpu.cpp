@@ -52,7 +52,8 @@ void forward_impl(const at::Tensor& x, const int64_t* group, int64_t num_groups,
 
 std::tuple<at::Tensor, at::Tensor> modality_centers_cpu(const at::Tensor& x_in, const at::Tensor& group_in,
                                                         int64_t num_groups, bool normalize) {
-  check_center_inputs(x_in, group_in, num_groups);
+  check_center_groups(x_in, group_in, num_groups);
+  check_cpu_dtype(x_in, "x");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor group = family::checked_indices(group_in, "group", "in", "num_groups", num_groups);
   at::Tensor centers = at::empty({num_groups, x.size(1)}, x.options());
@@ -99,10 +100,11 @@ void backward_impl(const at::Tensor& grad_centers, const at::Tensor& x, const in
 
 at::Tensor modality_centers_backward_cpu(const at::Tensor& grad_centers_in, const at::Tensor& x_in,
                                          const at::Tensor& group_in, const at::Tensor& counts_in, bool normalize) {
-  TORCH_CHECK(counts_in.dim() == 1, "counts must be a 1-D Tensor[G], got shape ", counts_in.sizes());
+  TORCH_CHECK_VALUE(counts_in.dim() == 1, "counts must be a 1-D Tensor[G], got shape ", counts_in.sizes());
   const int64_t num_groups = counts_in.size(0);
-  check_center_inputs(x_in, group_in, num_groups);
-  TORCH_CHECK(grad_centers_in.dim() == 2 && grad_centers_in.size(0) == num_groups &&
+  check_center_groups(x_in, group_in, num_groups);
+  check_cpu_dtype(x_in, "x");
+  TORCH_CHECK_VALUE(grad_centers_in.dim() == 2 && grad_centers_in.size(0) == num_groups &&
                   grad_centers_in.size(1) == x_in.size(1),
               "grad_centers must be Tensor[G, D] = [", num_groups, ", ", x_in.size(1), "], got shape ",
               grad_centers_in.sizes());

@@ -14,6 +14,7 @@
 #include <unordered_map>
 
 #include "cpu/tiles_cpu.h"
+#include "reduction.h"
 
 namespace reid_ext {
 namespace cpu {
@@ -293,7 +294,7 @@ struct Problem {
   // Inverse norms, and the radial factors of the normalization Jacobian (for the backward).
   std::vector<scalar_t> inv_x, inv_ref, radial_x, radial_ref;
 
-  Problem(const UnifiedInputs& inputs, int64_t mode_, double gamma_, double margin_)
+  Problem(const UnifiedInputs& inputs, PairMode mode_, double gamma_, double margin_)
       : in(inputs), mode(static_cast<int>(mode_)), gamma(scalar_t(gamma_)), margin(scalar_t(margin_)),
         labels(in.labels, in.ref_labels, in.self_ref) {
     if (in.modalities.defined()) modalities.emplace(in.modalities, in.ref_modalities, in.self_ref);
@@ -455,20 +456,6 @@ void forward_impl(const Problem<scalar_t>& pb, const at::Tensor& all_dots, Ancho
   finish_anchors(st, 0, n, out);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_cpu(
-    const at::Tensor& x, const at::Tensor& labels, const c10::optional<at::Tensor>& modalities,
-    const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& ref_labels,
-    const c10::optional<at::Tensor>& ref_modalities, double gamma, double margin, int64_t mode) {
-  const UnifiedInputs in = check_unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
-  AnchorOutputs out(in.x);
-  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs inside are not part of the graph
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_cpu", [&] {
-    const Problem<scalar_t> pb(in, mode, gamma, margin);
-    forward_impl<scalar_t>(pb, whole_dots(in), out);
-  });
-  return {out.loss, out.valid, out.lse_neg, out.lse_pos};
-}
-
 // grad_x, and grad_ref when asked: acc_I += (g * inv_J) @ B_J per tile, then the Jacobian.
 // all_dots: whole_dots(in), which the caller may share with the forward.
 template <typename scalar_t>
@@ -562,26 +549,29 @@ std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cpu(
     const c10::optional<at::Tensor>& modalities, const c10::optional<at::Tensor>& ref,
     const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& ref_modalities,
     const at::Tensor& valid, const at::Tensor& lse_neg, const at::Tensor& lse_pos, double gamma, double margin,
-    int64_t mode, bool ref_requires_grad) {
-  const UnifiedInputs in = check_unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
-  const int64_t n = in.x.size(0);
-  for (const auto* t : {&grad_loss, &valid, &lse_neg, &lse_pos}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == n, "per-anchor tensors of the backward must be Tensor[N]");
+    c10::string_view mode, c10::string_view reduction, bool grad_ref) {
+  const UnifiedArgs args =
+      check_unified_args(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, reduction);
+  check_cpu_dtype(x, "x");
+  for (const auto& [t, name] : {std::pair{&valid, "valid"}, {&lse_neg, "lse_neg"}, {&lse_pos, "lse_pos"}}) {
+    check_per_row(*t, name, x);
   }
-  const at::Tensor grad_c = grad_loss.to(in.x.scalar_type()).contiguous();
+  const UnifiedInputs in = unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, args.mode);
   const at::Tensor valid_c = valid.to(at::kBool).contiguous();
+  const at::Tensor grad_c = anchor_grads(grad_loss, in.x, valid_c, args.reduction).to(in.x.scalar_type()).contiguous();
   const at::Tensor neg_c = lse_neg.to(in.x.scalar_type()).contiguous();
   const at::Tensor pos_c = lse_pos.to(in.x.scalar_type()).contiguous();
   at::Tensor grad_x = at::empty_like(in.x);
-  const bool want_ref = !in.self_ref && ref_requires_grad;
-  at::Tensor grad_ref = want_ref ? at::empty_like(in.ref) : at::empty({0, in.x.size(1)}, in.x.options());
+  const bool want_ref = !in.self_ref && grad_ref;
+  at::Tensor grad_ref_out = want_ref ? at::empty_like(in.ref) : no_gradient(in.x);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_backward_cpu", [&] {
-    const Problem<scalar_t> pb(in, mode, gamma, margin);
-    backward_impl<scalar_t>(pb, whole_dots(in), grad_c.data_ptr<scalar_t>(), valid_c.data_ptr<bool>(), neg_c.data_ptr<scalar_t>(),
-                            pos_c.data_ptr<scalar_t>(), grad_x, want_ref ? &grad_ref : nullptr);
+    const Problem<scalar_t> pb(in, args.mode, gamma, margin);
+    backward_impl<scalar_t>(pb, whole_dots(in), grad_c.data_ptr<scalar_t>(), valid_c.data_ptr<bool>(),
+                            neg_c.data_ptr<scalar_t>(), pos_c.data_ptr<scalar_t>(), grad_x,
+                            want_ref ? &grad_ref_out : nullptr);
   });
-  return {grad_x, grad_ref};
+  return {grad_x, grad_ref_out};
 }
 
 // Against a bank, a panel of anchors holds whole rows of S, so its statistics are complete within
@@ -647,53 +637,53 @@ void bank_panels_impl(const Problem<scalar_t>& pb, AnchorOutputs& out, at::Tenso
   if (grad_ref) normalization_backward<scalar_t>(in.ref, pb.inv_ref, pb.radial_ref, *grad_ref);
 }
 
-// The mean (over valid anchors) or sum of the loss, and its gradients, in one call. A single-tile
-// problem computes its dot products once for both directions, and so does a bank problem, panel by
-// panel: two GEMMs of N*M*D (three with the bank's gradient) instead of three (five). A larger
-// batch against itself runs the forward and the backward passes.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_with_grad_cpu(
+// The loss, reduced, and with a scalar reduction the gradients that grad_x / grad_ref ask for.
+// A single-tile problem computes its dot products once for both directions, and so does a bank
+// problem, panel by panel: two GEMMs of N*M*D (three with the bank's gradient) instead of three
+// (five). A larger batch against itself runs the forward and the backward passes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_cpu(
     const at::Tensor& x, const at::Tensor& labels, const c10::optional<at::Tensor>& modalities,
     const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& ref_labels,
-    const c10::optional<at::Tensor>& ref_modalities, double gamma, double margin, int64_t mode, bool mean,
-    bool ref_requires_grad) {
-  const UnifiedInputs in = check_unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
+    const c10::optional<at::Tensor>& ref_modalities, double gamma, double margin, c10::string_view mode,
+    c10::string_view reduction, bool grad_x, bool grad_ref) {
+  const UnifiedArgs args =
+      check_unified_args(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, reduction);
+  check_cpu_dtype(x, "x");
+  const UnifiedInputs in = unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, args.mode);
   const int64_t n = in.x.size(0), m = in.ref.size(0);
+  const bool want_ref = !in.self_ref && grad_ref;
+  const bool with_grad = args.reduction != Reduction::kNone && (grad_x || want_ref);
   AnchorOutputs out(in.x);
-  at::Tensor total = at::empty({}, in.x.options());
-  at::Tensor grad_x = at::empty_like(in.x);
-  const bool want_ref = !in.self_ref && ref_requires_grad;
-  at::Tensor grad_ref = want_ref ? at::empty_like(in.ref) : at::empty({0, in.x.size(1)}, in.x.options());
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
-  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_with_grad_cpu", [&] {
-    const Problem<scalar_t> pb(in, mode, gamma, margin);
-    // The scale of the reduction needs every anchor's validity: the panels compute the gradient
-    // of the sum and scale it afterwards; the two passes know it before the backward.
-    const bool panels = !in.self_ref && !single_tile(n, m) && bank_panels(m);
+  at::Tensor grad_x_out = with_grad ? at::empty_like(in.x) : no_gradient(in.x);
+  at::Tensor grad_ref_out = with_grad && want_ref ? at::empty_like(in.ref) : no_gradient(in.x);
+  at::Tensor loss;
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs inside are not part of the graph
+  AT_DISPATCH_FLOATING_TYPES(in.x.scalar_type(), "unified_triplet_loss_cpu", [&] {
+    const Problem<scalar_t> pb(in, args.mode, gamma, margin);
+    // The panels give the loss and dL/dS at once, but the reduction's scale needs every anchor's
+    // validity: they compute the gradient of the sum and scale it afterwards.
+    const bool panels = with_grad && !in.self_ref && !single_tile(n, m) && bank_panels(m);
     const at::Tensor all_dots = panels ? at::Tensor() : whole_dots(in);
     if (panels) {
-      bank_panels_impl<scalar_t>(pb, out, grad_x, want_ref ? &grad_ref : nullptr);
+      bank_panels_impl<scalar_t>(pb, out, grad_x_out, want_ref ? &grad_ref_out : nullptr);
     } else {
       forward_impl<scalar_t>(pb, all_dots, out);
     }
-    const scalar_t* loss_data = out.loss.data_ptr<scalar_t>();
-    const bool* valid_data = out.valid.data_ptr<bool>();
-    scalar_t sum = 0;
-    int64_t count = 0;
-    for (int64_t i = 0; i < n; ++i) sum += loss_data[i], count += valid_data[i];
-    const scalar_t scale = mean ? scalar_t(1) / scalar_t(std::max<int64_t>(count, 1)) : scalar_t(1);
-    total.fill_(sum * scale);
+    loss = reduce_anchors(out.loss, out.valid, args.reduction);
+    if (!with_grad) return;
+    const at::Tensor weights = reduction_weights(out.loss, out.valid, args.reduction);
     if (panels) {
-      if (scale != scalar_t(1)) {
-        grad_x.mul_(scale);
-        if (want_ref) grad_ref.mul_(scale);
+      if (args.reduction == Reduction::kMean && n > 0) {
+        grad_x_out.mul_(weights[0]);
+        if (want_ref) grad_ref_out.mul_(weights[0]);
       }
-      return;
+    } else {
+      backward_impl<scalar_t>(pb, all_dots, weights.data_ptr<scalar_t>(), out.valid.data_ptr<bool>(),
+                              out.lse_neg.data_ptr<scalar_t>(), out.lse_pos.data_ptr<scalar_t>(), grad_x_out,
+                              want_ref ? &grad_ref_out : nullptr);
     }
-    const std::vector<scalar_t> grad_loss(n, scale);
-    backward_impl<scalar_t>(pb, all_dots, grad_loss.data(), valid_data, out.lse_neg.data_ptr<scalar_t>(),
-                            out.lse_pos.data_ptr<scalar_t>(), grad_x, want_ref ? &grad_ref : nullptr);
   });
-  return {total, grad_x, grad_ref};
+  return {loss, grad_x ? grad_x_out : no_gradient(in.x), grad_ref_out, out.valid, out.lse_neg, out.lse_pos};
 }
 
 }  // namespace
@@ -701,7 +691,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_with_grad_cp
 TORCH_LIBRARY_IMPL(reid_ext, CPU, m) {
   m.impl("unified_triplet_loss", &unified_triplet_loss_cpu);
   m.impl("_unified_triplet_loss_backward", &unified_triplet_loss_backward_cpu);
-  m.impl("_unified_triplet_loss_with_grad", &unified_triplet_loss_with_grad_cpu);
 }
 
 }  // namespace cpu

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_glue.h"
+#include "reduction.h"
 
 namespace reid_ext {
 namespace cuda {
@@ -17,14 +18,10 @@ namespace {
 // Splits of the forward's reference range; their partial results are 2 x N pairs each.
 constexpr int kMaxSplits = 64;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_hard_triplet_loss_cuda(
-    const at::Tensor& x_in, const at::Tensor& labels_in, double margin, int64_t metric, bool soft_margin) {
-  check_batch_hard_inputs(x_in, labels_in, margin, metric);
-  check_on_device(x_in, "x");
-  const ScalarKind kind = scalar_kind(x_in, "x");
-  const DeviceGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+// The per-anchor forward: loss, validity, hardest pairs and their distances.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x, const at::Tensor& labels, double margin, Metric metric, bool soft_margin) {
+  const ScalarKind kind = scalar_kind(x, "x");
   const int64_t n = x.size(0);
   const auto float_options = x.options().dtype(at::kFloat);
   const auto long_options = x.options().dtype(at::kLong);
@@ -59,28 +56,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss, valid, pos_idx, neg_idx, dist_ap, dist_an};
 }
 
-at::Tensor batch_hard_triplet_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& x_in,
-                                                 const at::Tensor& pos_idx_in, const at::Tensor& neg_idx_in,
-                                                 const at::Tensor& dist_ap_in, const at::Tensor& dist_an_in,
-                                                 double margin, int64_t metric, bool soft_margin) {
-  check_features(x_in, "x");
-  check_batch_hard_options(margin, metric);
-  check_index(pos_idx_in, "pos_idx", x_in, "x");
-  check_index(neg_idx_in, "neg_idx", x_in, "x");
-  check_per_row(grad_loss, "grad_loss", x_in);
-  check_per_row(dist_ap_in, "dist_ap", x_in);
-  check_per_row(dist_an_in, "dist_an", x_in);
-  check_on_device(x_in, "x");
-  const ScalarKind kind = scalar_kind(x_in, "x");
-  const DeviceGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
+// grad_x from the per-anchor gradient (float32 Tensor[N]) and the forward's hardest pairs.
+at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
+                    const at::Tensor& dist_ap, const at::Tensor& dist_an, double margin, Metric metric,
+                    bool soft_margin) {
+  const ScalarKind kind = scalar_kind(x, "x");
   const int64_t n = x.size(0);
   const auto float_options = x.options().dtype(at::kFloat);
-  const at::Tensor pos_idx = pos_idx_in.to(at::kLong).contiguous();
-  const at::Tensor neg_idx = neg_idx_in.to(at::kLong).contiguous();
-  const at::Tensor grad = grad_loss.to(at::kFloat).contiguous();
-  const at::Tensor dist_ap = dist_ap_in.to(at::kFloat).contiguous();
-  const at::Tensor dist_an = dist_an_in.to(at::kFloat).contiguous();
   // Pairs grouped by their reference row: a stable sort keeps each group in pair order, and
   // searchsorted finds where each row's group starts (-1 = no pair sorts before all of them).
   // Indices outside [-1, n) would fall outside every group and be ignored.
@@ -109,6 +91,49 @@ at::Tensor batch_hard_triplet_loss_backward_cuda(const at::Tensor& grad_loss, co
   p.grad_x = grad_x.data_ptr();
   check_launch(launch_batch_hard_backward(p, current_stream()));
   return grad_x;
+}
+
+// The loss, reduced, the hardest pairs, and with a scalar reduction and grad_x the gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+batch_hard_triplet_loss_cuda(const at::Tensor& x_in, const at::Tensor& labels_in, double margin,
+                             c10::string_view metric, bool soft_margin, c10::string_view reduction, bool grad_x) {
+  const BatchHardArgs args = check_batch_hard_args(x_in, labels_in, margin, metric, reduction);
+  check_on_device(x_in, "x");
+  scalar_kind(x_in, "x");
+  const DeviceGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const auto [loss, valid, pos_idx, neg_idx, dist_ap, dist_an] = forward(x, labels, margin, args.metric, soft_margin);
+  at::Tensor grad = no_gradient(x);
+  if (grad_x && args.reduction != Reduction::kNone) {
+    grad = backward(reduction_weights(dist_ap, valid, args.reduction), x, pos_idx, neg_idx, dist_ap, dist_an, margin,
+                    args.metric, soft_margin);
+  }
+  return {reduce_anchors(loss, valid, args.reduction), grad, valid, pos_idx, neg_idx, dist_ap, dist_an};
+}
+
+at::Tensor batch_hard_triplet_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& x_in,
+                                                 const at::Tensor& pos_idx_in, const at::Tensor& neg_idx_in,
+                                                 const at::Tensor& dist_ap_in, const at::Tensor& dist_an_in,
+                                                 double margin, c10::string_view metric, bool soft_margin,
+                                                 c10::string_view reduction) {
+  check_features(x_in, "x");
+  check_on_device(x_in, "x");
+  scalar_kind(x_in, "x");
+  check_finite_nonnegative(margin, "margin");
+  const Metric parsed_metric = parse_metric(metric);
+  check_index(pos_idx_in, "pos_idx", x_in, "x");
+  check_index(neg_idx_in, "neg_idx", x_in, "x");
+  check_per_row(dist_ap_in, "dist_ap", x_in);
+  check_per_row(dist_an_in, "dist_an", x_in);
+  const DeviceGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor pos_idx = pos_idx_in.to(at::kLong).contiguous();
+  const at::Tensor neg_idx = neg_idx_in.to(at::kLong).contiguous();
+  const at::Tensor valid = pos_idx.ge(0).logical_and(neg_idx.ge(0));
+  const at::Tensor grad = anchor_grads(grad_loss, x, valid, parse_reduction(reduction)).to(at::kFloat).contiguous();
+  return backward(grad, x, pos_idx, neg_idx, dist_ap_in.to(at::kFloat).contiguous(),
+                  dist_an_in.to(at::kFloat).contiguous(), margin, parsed_metric, soft_margin);
 }
 
 }  // namespace

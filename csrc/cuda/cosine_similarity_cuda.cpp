@@ -10,14 +10,9 @@ namespace cuda {
 namespace {
 
 void check_cosine(const at::Tensor& x, const c10::optional<at::Tensor>& y, double eps) {
-  check_features(x, "x");
+  check_cosine_similarity_args(x, y, eps);
   check_on_device(x, "x");
   scalar_kind(x, "x");
-  if (y.has_value()) {
-    check_features(*y, "y");
-    check_same(*y, "y", x, "x");
-  }
-  TORCH_CHECK(eps > 0, "eps must be > 0, got ", eps);
 }
 
 at::Tensor cosine_similarity_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, double eps) {
@@ -39,8 +34,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cuda(const at::Ten
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.has_value() ? y_in->contiguous() : x;
   const int64_t n = x.size(0), m = y.size(0), d = x.size(1);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == n && grad_in.size(1) == m,
-              "grad must be Tensor[N, M] like the similarity");
+  TORCH_CHECK_VALUE(grad_in.dim() == 2 && grad_in.size(0) == n && grad_in.size(1) == m,
+                    "grad must be Tensor[N, M] = [", n, ", ", m, "], got shape ", grad_in.sizes());
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
   const ScalarKind kind = scalar_kind(x, "x");
   const bool self = !y_in.has_value();

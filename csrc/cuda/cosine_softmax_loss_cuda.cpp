@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_glue.h"
+#include "reduction.h"
 
 namespace reid_ext {
 namespace cuda {
@@ -23,8 +24,6 @@ struct Prepared {
 // half precision) and the float32 scratch for the norms.
 Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels_in, double scale,
                  double margin, double label_smoothing) {
-  check_cosine_softmax_inputs(x_in, weight_in, labels_in, scale, label_smoothing);
-  check_on_device(x_in, "x");
   const ScalarKind kind = scalar_kind(x_in, "x");
   Prepared pr;
   pr.x = x_in.contiguous();
@@ -54,56 +53,70 @@ Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::
   return pr;
 }
 
-std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                            const at::Tensor& labels, double scale, double margin,
-                                                            double label_smoothing) {
+// grad_x and grad_weight (each [0, D] unless wanted) from the per-anchor gradient (float32 Tensor[N]):
+// coef = dL/dcos scaled by both inverse norms, then one cuBLAS product and the Jacobian per side.
+std::tuple<at::Tensor, at::Tensor> backward(const Prepared& pr, const at::Tensor& grad, const at::Tensor& lse,
+                                            bool want_x, bool want_weight) {
+  const CosineSoftmaxParams& p = pr.params;
+  if (p.n == 0) {  // no anchor, no gradient (and nothing for the kernels to do)
+    return {want_x ? at::zeros_like(pr.x) : no_gradient(pr.x), want_weight ? at::zeros_like(pr.weight) : no_gradient(pr.x)};
+  }
+  const auto float_options = pr.x.options().dtype(at::kFloat);
+  at::Tensor coef = at::empty({p.n, p.c}, float_options);
+  at::Tensor row_sum = at::empty({p.n}, float_options);
+  at::Tensor col_sum = at::empty({want_weight ? p.c : 0}, float_options);
+  const auto stream = current_stream();
+  check_launch(launch_cosine_softmax_coefficients(p, grad.data_ptr<float>(), lse.data_ptr<float>(),
+                                                  coef.data_ptr<float>(), row_sum.data_ptr<float>(),
+                                                  want_weight ? col_sum.data_ptr<float>() : nullptr, stream));
+  at::Tensor grad_x = no_gradient(pr.x), grad_w = no_gradient(pr.x);
+  if (want_x) {
+    const at::Tensor acc = at::mm(coef, pr.weight_float);
+    grad_x = at::empty_like(pr.x);
+    check_launch(launch_cosine_softmax_finish(p, true, acc.data_ptr<float>(), row_sum.data_ptr<float>(),
+                                              grad_x.data_ptr(), stream));
+  }
+  if (want_weight) {
+    const at::Tensor acc = at::mm(coef.t(), pr.x_float);
+    grad_w = at::empty_like(pr.weight);
+    check_launch(launch_cosine_softmax_finish(p, false, acc.data_ptr<float>(), col_sum.data_ptr<float>(),
+                                              grad_w.data_ptr(), stream));
+  }
+  return {grad_x, grad_w};
+}
+
+// The loss, reduced ("mean" over the N anchors), and with a scalar reduction the gradients that
+// grad_x / grad_weight ask for, reusing the forward's products.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_softmax_loss_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels, double scale, double margin,
+    double label_smoothing, c10::string_view reduction_name, bool grad_x, bool grad_weight) {
+  const Reduction reduction =
+      check_cosine_softmax_args(x, weight, labels, scale, margin, label_smoothing, reduction_name);
+  check_on_device(x, "x");
   const DeviceGuard guard(x.device());
   const Prepared pr = prepare(x, weight, labels, scale, margin, label_smoothing);
   at::Tensor loss = at::empty({pr.params.n}, pr.x.options());
   at::Tensor lse = at::empty({pr.params.n}, pr.x.options().dtype(at::kFloat));
-  check_launch(launch_cosine_softmax_forward(pr.params, loss.data_ptr(), lse.data_ptr<float>(),
-                                               current_stream()));
-  return {loss, lse};
+  check_launch(launch_cosine_softmax_forward(pr.params, loss.data_ptr(), lse.data_ptr<float>(), current_stream()));
+  at::Tensor grad_x_out = no_gradient(pr.x), grad_w_out = no_gradient(pr.x);
+  if (reduction != Reduction::kNone && (grad_x || grad_weight)) {
+    std::tie(grad_x_out, grad_w_out) =
+        backward(pr, reduction_weights(lse, at::Tensor(), reduction), lse, grad_x, grad_weight);
+  }
+  return {reduce_anchors(loss, at::Tensor(), reduction), grad_x_out, grad_w_out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels,
-    const at::Tensor& lse_in, double scale, double margin, double label_smoothing, bool x_requires_grad,
-    bool weight_requires_grad) {
-  check_per_row(grad_loss, "grad_loss", x_in);
-  check_per_row(lse_in, "lse", x_in);
-  const DeviceGuard guard(x_in.device());
-  const Prepared pr = prepare(x_in, weight_in, labels, scale, margin, label_smoothing);
-  const CosineSoftmaxParams& p = pr.params;
-  const at::Tensor empty = at::empty({0, p.d}, pr.x.options());
-  if (p.n == 0) {  // no anchor, no gradient (and nothing for the kernels to do)
-    return {x_requires_grad ? at::zeros_like(pr.x) : empty, weight_requires_grad ? at::zeros_like(pr.weight) : empty};
-  }
-  const auto float_options = pr.x.options().dtype(at::kFloat);
-  const at::Tensor grad = grad_loss.to(at::kFloat).contiguous();
-  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
-  at::Tensor coef = at::empty({p.n, p.c}, float_options);
-  at::Tensor row_sum = at::empty({p.n}, float_options);
-  at::Tensor col_sum = at::empty({weight_requires_grad ? p.c : 0}, float_options);
-  const auto stream = current_stream();
-  check_launch(launch_cosine_softmax_coefficients(p, grad.data_ptr<float>(), lse.data_ptr<float>(),
-                                                    coef.data_ptr<float>(), row_sum.data_ptr<float>(),
-                                                    weight_requires_grad ? col_sum.data_ptr<float>() : nullptr,
-                                                    stream));
-  at::Tensor grad_x = empty, grad_w = empty;
-  if (x_requires_grad) {
-    const at::Tensor acc = at::mm(coef, pr.weight_float);
-    grad_x = at::empty_like(pr.x);
-    check_launch(launch_cosine_softmax_finish(p, true, acc.data_ptr<float>(), row_sum.data_ptr<float>(),
-                                                grad_x.data_ptr(), stream));
-  }
-  if (weight_requires_grad) {
-    const at::Tensor acc = at::mm(coef.t(), pr.x_float);
-    grad_w = at::empty_like(pr.weight);
-    check_launch(launch_cosine_softmax_finish(p, false, acc.data_ptr<float>(), col_sum.data_ptr<float>(),
-                                                grad_w.data_ptr(), stream));
-  }
-  return {grad_x, grad_w};
+    const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& lse_in, double scale, double margin, double label_smoothing, c10::string_view reduction,
+    bool grad_x, bool grad_weight) {
+  const Reduction r = check_cosine_softmax_args(x, weight, labels, scale, margin, label_smoothing, reduction);
+  check_on_device(x, "x");
+  check_per_row(lse_in, "lse", x);
+  const DeviceGuard guard(x.device());
+  const Prepared pr = prepare(x, weight, labels, scale, margin, label_smoothing);
+  const at::Tensor grad = anchor_grads(grad_loss, pr.x, at::Tensor(), r).to(at::kFloat).contiguous();
+  return backward(pr, grad, lse_in.to(at::kFloat).contiguous(), grad_x, grad_weight);
 }
 
 }  // namespace

@@ -28,7 +28,7 @@ CentersParams params_of(const at::Tensor& x, const at::Tensor& group, int64_t nu
 
 std::tuple<at::Tensor, at::Tensor> modality_centers_cuda(const at::Tensor& x_in, const at::Tensor& group_in,
                                                          int64_t num_groups, bool normalize) {
-  check_center_inputs(x_in, group_in, num_groups);
+  check_center_groups(x_in, group_in, num_groups);
   check_on_device(x_in, "x");
   scalar_kind(x_in, "x");
   const DeviceGuard guard(x_in.device());
@@ -52,15 +52,15 @@ std::tuple<at::Tensor, at::Tensor> modality_centers_cuda(const at::Tensor& x_in,
 
 at::Tensor modality_centers_backward_cuda(const at::Tensor& grad_centers_in, const at::Tensor& x_in,
                                           const at::Tensor& group_in, const at::Tensor& counts_in, bool normalize) {
-  TORCH_CHECK(counts_in.dim() == 1, "counts must be a 1-D Tensor[G], got shape ", counts_in.sizes());
+  TORCH_CHECK_VALUE(counts_in.dim() == 1, "counts must be a 1-D Tensor[G], got shape ", counts_in.sizes());
   const int64_t num_groups = counts_in.size(0);
-  check_center_inputs(x_in, group_in, num_groups);
-  TORCH_CHECK(grad_centers_in.dim() == 2 && grad_centers_in.size(0) == num_groups &&
+  check_center_groups(x_in, group_in, num_groups);
+  TORCH_CHECK_VALUE(grad_centers_in.dim() == 2 && grad_centers_in.size(0) == num_groups &&
                   grad_centers_in.size(1) == x_in.size(1),
               "grad_centers must be Tensor[G, D] = [", num_groups, ", ", x_in.size(1), "], got shape ",
               grad_centers_in.sizes());
   check_on_device(x_in, "x");
-  TORCH_CHECK(counts_in.device() == x_in.device() && grad_centers_in.device() == x_in.device(),
+  TORCH_CHECK_VALUE(counts_in.device() == x_in.device() && grad_centers_in.device() == x_in.device(),
               "counts and grad_centers must be on ", x_in.device());
   scalar_kind(x_in, "x");
   const DeviceGuard guard(x_in.device());

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "cuda/cuda_glue.h"
+#include "reduction.h"
 
 namespace reid_ext {
 namespace cuda {
@@ -18,16 +19,7 @@ constexpr int kMaxBackwardSplits = 8;
 
 const int64_t* index_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<int64_t>() : nullptr; }
 
-UnifiedInputs check_cuda_inputs(const at::Tensor& x, const at::Tensor& labels,
-                                const c10::optional<at::Tensor>& modalities, const c10::optional<at::Tensor>& ref,
-                                const c10::optional<at::Tensor>& ref_labels,
-                                const c10::optional<at::Tensor>& ref_modalities, double gamma, int64_t mode) {
-  check_on_device(x, "x");
-  scalar_kind(x, "x");
-  return check_unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
-}
-
-UnifiedProblem problem_of(const UnifiedInputs& in, double gamma, double margin, int64_t mode) {
+UnifiedProblem problem_of(const UnifiedInputs& in, double gamma, double margin, PairMode mode) {
   return UnifiedProblem{in.x.data_ptr(),       in.ref.data_ptr(),
                         index_ptr(in.labels),  index_ptr(in.modalities),
                         index_ptr(in.ref_labels), index_ptr(in.ref_modalities),
@@ -35,28 +27,6 @@ UnifiedProblem problem_of(const UnifiedInputs& in, double gamma, double margin, 
                         in.x.size(1),          static_cast<float>(gamma),
                         static_cast<float>(margin), static_cast<int>(mode),
                         in.self_ref,           scalar_kind(in.x, "x")};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_cuda(
-    const at::Tensor& x, const at::Tensor& labels, const c10::optional<at::Tensor>& modalities,
-    const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& ref_labels,
-    const c10::optional<at::Tensor>& ref_modalities, double gamma, double margin, int64_t mode) {
-  const DeviceGuard guard(x.device());
-  const UnifiedInputs in = check_cuda_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
-  const int64_t n = in.x.size(0), m = in.ref.size(0);
-  const auto stats_options = in.x.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({n}, in.x.options());
-  at::Tensor valid = at::empty({n}, in.x.options().dtype(at::kBool));
-  at::Tensor lse_neg = at::empty({n}, stats_options);
-  at::Tensor lse_pos = at::empty({n}, stats_options);
-  const int splits = column_splits(n, m, in.x.get_device(), kMaxForwardSplits);
-  at::Tensor partial = splits > 1 ? at::empty({splits, 5, n}, stats_options) : at::Tensor();
-  const UnifiedForwardParams params{loss.data_ptr(), valid.data_ptr<bool>(), lse_neg.data_ptr<float>(),
-                                    lse_pos.data_ptr<float>(), splits > 1 ? partial.data_ptr<float>() : nullptr,
-                                    splits};
-  check_launch(launch_unified_forward(problem_of(in, gamma, margin, mode), params,
-                                        current_stream()));
-  return {loss, valid, lse_neg, lse_pos};
 }
 
 at::Tensor backward_side(const UnifiedInputs& in, const UnifiedProblem& problem, const at::Tensor& grad_loss,
@@ -76,29 +46,73 @@ at::Tensor backward_side(const UnifiedInputs& in, const UnifiedProblem& problem,
   return grad;
 }
 
+// The per-anchor forward: loss, validity and the two log-sum-exps.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(const UnifiedInputs& in,
+                                                                   const UnifiedProblem& problem) {
+  const int64_t n = in.x.size(0), m = in.ref.size(0);
+  const auto stats_options = in.x.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({n}, in.x.options());
+  at::Tensor valid = at::empty({n}, in.x.options().dtype(at::kBool));
+  at::Tensor lse_neg = at::empty({n}, stats_options);
+  at::Tensor lse_pos = at::empty({n}, stats_options);
+  const int splits = column_splits(n, m, in.x.get_device(), kMaxForwardSplits);
+  at::Tensor partial = splits > 1 ? at::empty({splits, 5, n}, stats_options) : at::Tensor();
+  const UnifiedForwardParams params{loss.data_ptr(), valid.data_ptr<bool>(), lse_neg.data_ptr<float>(),
+                                    lse_pos.data_ptr<float>(), splits > 1 ? partial.data_ptr<float>() : nullptr,
+                                    splits};
+  check_launch(launch_unified_forward(problem, params, current_stream()));
+  return {loss, valid, lse_neg, lse_pos};
+}
+
+// The loss, reduced, and with a scalar reduction the gradients that grad_x / grad_ref ask for (the
+// backward kernels run in the forward with the reduction's weights: no host synchronisation).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unified_triplet_loss_cuda(
+    const at::Tensor& x, const at::Tensor& labels, const c10::optional<at::Tensor>& modalities,
+    const c10::optional<at::Tensor>& ref, const c10::optional<at::Tensor>& ref_labels,
+    const c10::optional<at::Tensor>& ref_modalities, double gamma, double margin, c10::string_view mode,
+    c10::string_view reduction, bool grad_x, bool grad_ref) {
+  const UnifiedArgs args =
+      check_unified_args(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, reduction);
+  check_on_device(x, "x");
+  scalar_kind(x, "x");
+  const DeviceGuard guard(x.device());
+  const UnifiedInputs in = unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, args.mode);
+  const UnifiedProblem problem = problem_of(in, gamma, margin, args.mode);
+  const auto [per_anchor, valid, lse_neg, lse_pos] = forward(in, problem);
+  const bool want_ref = !in.self_ref && grad_ref;
+  at::Tensor grad_x_out = no_gradient(in.x), grad_ref_out = no_gradient(in.x);
+  if (args.reduction != Reduction::kNone && (grad_x || want_ref)) {
+    const at::Tensor weights = reduction_weights(lse_neg, valid, args.reduction);
+    if (grad_x) grad_x_out = backward_side(in, problem, weights, valid, lse_neg, lse_pos, true);
+    if (want_ref) grad_ref_out = backward_side(in, problem, weights, valid, lse_neg, lse_pos, false);
+  }
+  return {reduce_anchors(per_anchor, valid, args.reduction), grad_x_out, grad_ref_out, valid, lse_neg, lse_pos};
+}
+
 std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& labels,
     const c10::optional<at::Tensor>& modalities, const c10::optional<at::Tensor>& ref,
     const c10::optional<at::Tensor>& ref_labels, const c10::optional<at::Tensor>& ref_modalities,
     const at::Tensor& valid, const at::Tensor& lse_neg, const at::Tensor& lse_pos, double gamma, double margin,
-    int64_t mode, bool ref_requires_grad) {
-  const DeviceGuard guard(x.device());
-  const UnifiedInputs in = check_cuda_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, mode);
-  const int64_t n = in.x.size(0);
-  for (const auto* t : {&grad_loss, &valid, &lse_neg, &lse_pos}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == n, "per-anchor tensors of the backward must be Tensor[N]");
-    TORCH_CHECK(t->device() == in.x.device(), "per-anchor tensors of the backward must be on ", in.x.device());
+    c10::string_view mode, c10::string_view reduction, bool grad_ref) {
+  const UnifiedArgs args =
+      check_unified_args(x, labels, modalities, ref, ref_labels, ref_modalities, gamma, margin, mode, reduction);
+  check_on_device(x, "x");
+  scalar_kind(x, "x");
+  for (const auto& [t, name] : {std::pair{&valid, "valid"}, {&lse_neg, "lse_neg"}, {&lse_pos, "lse_pos"}}) {
+    check_per_row(*t, name, x);
   }
-  const at::Tensor grad_c = grad_loss.to(at::kFloat).contiguous();
+  const DeviceGuard guard(x.device());
+  const UnifiedInputs in = unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, args.mode);
   const at::Tensor valid_c = valid.to(at::kBool).contiguous();
+  const at::Tensor grad_c = anchor_grads(grad_loss, in.x, valid_c, args.reduction).to(at::kFloat).contiguous();
   const at::Tensor neg_c = lse_neg.to(at::kFloat).contiguous();
   const at::Tensor pos_c = lse_pos.to(at::kFloat).contiguous();
-  const UnifiedProblem problem = problem_of(in, gamma, margin, mode);
+  const UnifiedProblem problem = problem_of(in, gamma, margin, args.mode);
   at::Tensor grad_x = backward_side(in, problem, grad_c, valid_c, neg_c, pos_c, true);
-  at::Tensor grad_ref = (!in.self_ref && ref_requires_grad)
-                            ? backward_side(in, problem, grad_c, valid_c, neg_c, pos_c, false)
-                            : at::empty({0, in.x.size(1)}, in.x.options());
-  return {grad_x, grad_ref};
+  at::Tensor grad_ref_out = (!in.self_ref && grad_ref) ? backward_side(in, problem, grad_c, valid_c, neg_c, pos_c, false)
+                                                       : no_gradient(in.x);
+  return {grad_x, grad_ref_out};
 }
 
 }  // namespace
