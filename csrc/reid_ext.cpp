@@ -72,4 +72,7 @@ TORCH_LIBRARY(reid_ext, m) {
       "_cosine_softmax_loss_with_grad(Tensor x, Tensor weight, Tensor labels, float scale, float margin, "
       "float label_smoothing, bool mean, bool x_requires_grad, bool weight_requires_grad) "
       "-> (Tensor, Tensor, Tensor)");
+  // For each row of x, the k most (largest) or least similar rows of y (y = None: of x, itself included), sorted,
+  // ties to the lower index, and the row's similarity extreme at the other end. Not differentiable.
+  m.def("topk_similarity(Tensor x, Tensor? y, int k, bool largest, float eps) -> (Tensor, Tensor, Tensor)");
 }
