@@ -11,6 +11,7 @@ RegDB's visible-to-thermal protocol is ``evaluate_rank`` between modalities
 Zhong et al. (CVPR 2017) with the semantics of the implementation fast-reid and
 torchreid ship, on a sparse V instead of dense (Q+G) x (Q+G) matrices.
 """
+import contextlib
 import numbers
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -307,8 +308,9 @@ def evaluate_dataset(
 # Each row needs only its max(k1 + 1, k2) nearest samples, its largest distance and a sparse V:
 # here V is a list of (row, column, value) entries sorted by row, never an N x N matrix.
 
-# Elements per temporary block (row blocks of A, gathered features, pairs of the Jaccard sum).
-_BLOCK_ELEMENTS = 1 << 22
+# Elements per temporary block (row blocks of A, gathered features, pairs of the Jaccard sum): small
+# enough to stay in cache and to be reused by the allocator instead of being mapped afresh.
+_BLOCK_ELEMENTS = 1 << 18
 # From this many samples on, re-ranking takes seconds and shows its stages in a progress bar.
 _PROGRESS_FROM = 8192
 
@@ -326,42 +328,38 @@ def _lookup(sorted_keys: torch.Tensor, queries: torch.Tensor) -> Tuple[torch.Ten
     if sorted_keys.numel() == 0:
         return torch.zeros_like(queries), torch.zeros_like(queries, dtype=torch.bool)
     pos = torch.searchsorted(sorted_keys, queries).clamp_(max=sorted_keys.numel() - 1)
-    return pos, sorted_keys[pos] == queries
+    return pos, sorted_keys.take(pos) == queries
 
 
-def _ragged_arange(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The concatenation of arange(s, s + l) over the pairs (s, l)."""
-    ends = lengths.cumsum(0)
-    total = int(ends[-1]) if ends.numel() else 0
-    return torch.arange(total, device=starts.device) - torch.repeat_interleave(ends - lengths - starts, lengths)
+def _pair_keys(neighbours: torch.Tensor) -> torch.Tensor:
+    """row * N + neighbours[row, r] for every entry of neighbours (Tensor[N, k])."""
+    n = neighbours.size(0)
+    return torch.arange(n, device=neighbours.device).unsqueeze(1) * n + neighbours
 
 
 def _reciprocal_mask(neighbours: torch.Tensor) -> torch.Tensor:
     """mask[i, r]: i is among the neighbours of j = neighbours[i, r] too (rows of distinct indices)."""
     n = neighbours.size(0)
-    rows = torch.arange(n, device=neighbours.device).unsqueeze(1)
-    keys = (rows * n + neighbours.sort(dim=1).values).reshape(-1)  # sorted: by row, then column
-    return _lookup(keys, neighbours * n + rows)[1]
+    keys = _pair_keys(neighbours).reshape(-1).sort().values
+    backward = neighbours * n + torch.arange(n, device=neighbours.device).unsqueeze(1)
+    return _lookup(keys, backward)[1]
 
 
 def _expanded_sets(ranks: torch.Tensor, k1: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The members of every E(i) as (rows, columns), sorted by row then column."""
     n = ranks.size(0)
-    near = ranks[:, : min(k1 + 1, n)]
-    half = ranks[:, : min(round(k1 / 2) + 1, n)]  # round() as np.around: half to even
+    near = ranks[:, : min(k1 + 1, n)].contiguous()
+    half = ranks[:, : min(round(k1 / 2) + 1, n)].contiguous()  # round() as np.around: half to even
     recip, half_recip = _reciprocal_mask(near), _reciprocal_mask(half)
-    rows = torch.arange(n, device=ranks.device).unsqueeze(1)
-    recip_keys = (rows * n + near).masked_select(recip).sort().values
-    # Candidate c = near[i, r]: R(c, round(k1 / 2)) = the members cand[i, r, cand_in[i, r]].
-    cand, cand_in = half[near], half_recip[near]
-    shared = (cand_in & _lookup(recip_keys, rows.unsqueeze(2) * n + cand)[1]).sum(2)
-    expand = recip & (3 * shared > 2 * cand_in.sum(2))  # |R(c) & R(i)| > 2/3 |R(c)|, in integers
-    members = torch.cat([near, cand.flatten(1)], 1)
-    keep = torch.cat([recip, (expand.unsqueeze(2) & cand_in).flatten(1)], 1)
-    members = members.masked_fill(~keep, n).sort(dim=1).values  # n: after every index
-    keep = members < n
-    keep[:, 1:] &= members[:, 1:] != members[:, :-1]
-    return rows.expand_as(members)[keep], members[keep]
+    recip_keys = _pair_keys(near)[recip].sort().values  # R(i, k1) as keys i * N + j
+    # Each candidate c in R(i, k1), with R(c, round(k1 / 2)) = the members cand[p, cand_in[p]].
+    owner, candidate = recip_keys // n, recip_keys % n
+    cand, cand_in = half.index_select(0, candidate), half_recip.index_select(0, candidate)
+    cand_keys = owner.unsqueeze(1) * n + cand
+    shared = (cand_in & _lookup(recip_keys, cand_keys)[1]).sum(1)
+    expand = 3 * shared > 2 * cand_in.sum(1)  # |R(c) & R(i)| > 2/3 |R(c)|, in integers
+    keys = torch.unique(torch.cat([recip_keys, cand_keys[cand_in & expand.unsqueeze(1)]]))
+    return keys // n, keys % n
 
 
 def _query_expansion(rows, cols, vals, ranks: torch.Tensor, k2: int):
@@ -370,41 +368,60 @@ def _query_expansion(rows, cols, vals, ranks: torch.Tensor, k2: int):
     kq = min(k2, n)
     counts = torch.bincount(rows, minlength=n)
     starts = counts.cumsum(0) - counts
-    sources = ranks[:, :kq]
-    lengths = counts[sources].reshape(-1)
-    pos = _ragged_arange(starts[sources].reshape(-1), lengths)
-    out_rows = torch.arange(n, device=rows.device).repeat_interleave(lengths.view(n, kq).sum(1))
-    keys, inverse = torch.unique(out_rows * n + cols[pos], return_inverse=True)
-    summed = torch.zeros(keys.numel(), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals[pos])
+    sources = ranks[:, :kq].reshape(-1)
+    lengths = counts.index_select(0, sources)
+    ends = lengths.cumsum(0)
+    entry = torch.repeat_interleave(lengths, output_size=int(ends[-1]))  # the (i, r) of each gathered entry
+    pos = torch.arange(entry.numel(), device=rows.device) + (starts.index_select(0, sources) - ends + lengths).take(entry)
+    keys, inverse = torch.unique((entry // kq) * n + cols.take(pos), return_inverse=True)
+    summed = torch.zeros(keys.numel(), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals.take(pos))
     return keys // n, keys % n, summed / kq
 
 
 def _jaccard_overlap(rows, cols, vals, num_query: int, n: int) -> torch.Tensor:
     """m[i, j] = sum_f min(V[i, f], V[Q + j, f]) for queries i and gallery samples j: Tensor[Q, G].
 
-    Each query entry (i, f) meets the gallery entries of column f (an inverted index); the pairs
-    are summed in blocks of at most _BLOCK_ELEMENTS.
+    Each query entry (i, f) meets the gallery entries of column f (an inverted index). Entries
+    are taken by increasing number of partners, in blocks of at most _BLOCK_ELEMENTS pairs
+    padded to the block's longest, which is little padding.
     """
     num_gallery = n - num_query
     split = int(torch.searchsorted(rows, num_query))  # sorted by row: the queries' entries come first
     q_rows, q_cols, q_vals = rows[:split], cols[:split], vals[:split]
     order = torch.argsort(cols[split:], stable=True)
-    g_rows, g_vals = rows[split:][order] - num_query, vals[split:][order]
+    g_rows, g_vals = (rows[split:] - num_query).take(order), vals[split:].take(order)
     g_counts = torch.bincount(cols[split:], minlength=n)
     g_starts = g_counts.cumsum(0) - g_counts
-    lengths = g_counts[q_cols]
-    ends = lengths.cumsum(0)
+    lengths, by_length = g_counts.take(q_cols).sort()
     overlap = torch.zeros(num_query * num_gallery, dtype=vals.dtype, device=vals.device)
-    begin = 0
+    begin = int(torch.searchsorted(lengths, 0, right=True))  # entries without partners add nothing
     while begin < split:
-        done = int(ends[begin] - lengths[begin])
-        end = max(begin + 1, int(torch.searchsorted(ends, done + _BLOCK_ELEMENTS, right=True)))
-        entries = torch.arange(begin, end, device=rows.device)
-        pos = _ragged_arange(g_starts[q_cols[entries]], lengths[entries])
-        pair = torch.repeat_interleave(entries, lengths[entries])
-        overlap.index_add_(0, q_rows[pair] * num_gallery + g_rows[pos], torch.minimum(q_vals[pair], g_vals[pos]))
+        # the longest block whose padded size (entries x its last, longest length) fits
+        limit = min(split, begin + max(1, _BLOCK_ELEMENTS // int(lengths[begin])))
+        padded = torch.arange(1, limit - begin + 1, device=rows.device) * lengths[begin:limit]
+        end = begin + max(1, int(torch.searchsorted(padded, _BLOCK_ELEMENTS, right=True)))
+        entries = by_length[begin:end]
+        offsets = torch.arange(int(lengths[end - 1]), device=rows.device)
+        valid = offsets < lengths[begin:end].unsqueeze(1)
+        pos = (g_starts.take(q_cols.take(entries)).unsqueeze(1) + offsets).masked_fill_(~valid, 0)
+        share = torch.minimum(q_vals.take(entries).unsqueeze(1), g_vals.take(pos)).masked_fill_(~valid, 0)
+        target = q_rows.take(entries).unsqueeze(1) * num_gallery + g_rows.take(pos)
+        overlap.index_add_(0, target.view(-1), share.view(-1))
         begin = end
     return overlap.view(num_query, num_gallery)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch's intra-op threads set to 1 inside (restored after; process-wide): the sparse stages
+    are hundreds of small memory-bound ops, and with 2 threads each op's parallel region cost more
+    than it saved, up to 10x more when other processes held the cores (measured on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _re_rank(ranks, pair_distance: Callable, original_qg: torch.Tensor, k1, k2, lambda_value, bar) -> torch.Tensor:
@@ -412,22 +429,23 @@ def _re_rank(ranks, pair_distance: Callable, original_qg: torch.Tensor, k1, k2, 
     nearest samples ranks (Tensor[N, >= min(max(k1 + 1, k2), N)], nearest first) and
     pair_distance(rows, cols), original[rows, cols]."""
     n, num_query = ranks.size(0), original_qg.size(0)
-    bar.set_postfix_str("k-reciprocal sets")
-    rows, cols = _expanded_sets(ranks, k1)
-    weights = torch.exp(-pair_distance(rows, cols))
-    totals = torch.zeros(n, dtype=weights.dtype, device=weights.device).index_add_(0, rows, weights)
-    vals = weights / totals[rows]
-    bar.update()
-    if k2 != 1:
-        bar.set_postfix_str("query expansion")
-        rows, cols, vals = _query_expansion(rows, cols, vals, ranks, k2)
-    bar.update()
-    bar.set_postfix_str("jaccard")
-    overlap = _jaccard_overlap(rows, cols, vals, num_query, n)
-    step = max(1, _BLOCK_ELEMENTS // original_qg.size(1))
-    for a in range(0, num_query, step):
-        m = overlap[a : a + step]
-        original_qg[a : a + step].mul_(lambda_value).add_(1 - m / (2 - m), alpha=1 - lambda_value)
+    with _one_thread():
+        bar.set_postfix_str("k-reciprocal sets")
+        rows, cols = _expanded_sets(ranks, k1)
+        weights = torch.exp(-pair_distance(rows, cols))
+        totals = torch.zeros(n, dtype=weights.dtype, device=weights.device).index_add_(0, rows, weights)
+        vals = weights / totals.take(rows)
+        bar.update()
+        if k2 != 1:
+            bar.set_postfix_str("query expansion")
+            rows, cols, vals = _query_expansion(rows, cols, vals, ranks, k2)
+        bar.update()
+        bar.set_postfix_str("jaccard")
+        overlap = _jaccard_overlap(rows, cols, vals, num_query, n)
+        step = max(1, _BLOCK_ELEMENTS // original_qg.size(1))
+        for a in range(0, num_query, step):
+            m = overlap[a : a + step]
+            original_qg[a : a + step].mul_(lambda_value).add_(1 - m / (2 - m), alpha=1 - lambda_value)
     bar.update()
     bar.close()
     return original_qg
@@ -486,7 +504,7 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
     def pair_distance(rows, cols):
         # S from the top-k where it holds the pair, else the dot product of the two rows.
         pos, found = _lookup(keys, rows * n + cols)
-        sim = torch.where(found, top_values[pos], 0)
+        sim = torch.where(found, top_values.take(pos), 0)
         missing = (~found).nonzero().squeeze(1)
         for chunk in missing.split(max(1, _BLOCK_ELEMENTS // x.size(1))):
             r, c = rows[chunk], cols[chunk]
