@@ -311,6 +311,8 @@ def evaluate_dataset(
 # Elements per temporary block (row blocks of A, gathered features, pairs of the Jaccard sum): small
 # enough to stay in cache and to be reused by the allocator instead of being mapped afresh.
 _BLOCK_ELEMENTS = 1 << 18
+# Elements of the buffer that holds row blocks of the distance matrix while they are ranked.
+_RANK_BLOCK_ELEMENTS = 1 << 21
 # From this many samples on, re-ranking takes seconds and shows its stages in a progress bar.
 _PROGRESS_FROM = 8192
 
@@ -337,24 +339,27 @@ def _pair_keys(neighbours: torch.Tensor) -> torch.Tensor:
     return torch.arange(n, device=neighbours.device).unsqueeze(1) * n + neighbours
 
 
-def _reciprocal_mask(neighbours: torch.Tensor) -> torch.Tensor:
-    """mask[i, r]: i is among the neighbours of j = neighbours[i, r] too (rows of distinct indices)."""
-    n = neighbours.size(0)
-    keys = _pair_keys(neighbours).reshape(-1).sort().values
-    backward = neighbours * n + torch.arange(n, device=neighbours.device).unsqueeze(1)
-    return _lookup(keys, backward)[1]
+def _reciprocal_ranks(near: torch.Tensor) -> torch.Tensor:
+    """back[i, r]: the rank of i among the neighbours of j = near[i, r] (Tensor[N, k], rows of
+    distinct indices, nearest first), or k where i is not among them."""
+    n, k = near.shape
+    keys, order = _pair_keys(near).reshape(-1).sort()
+    pos, found = _lookup(keys, near * n + torch.arange(n, device=near.device).unsqueeze(1))
+    return torch.where(found, order.take(pos) % k, k)
 
 
 def _expanded_sets(ranks: torch.Tensor, k1: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The members of every E(i) as (rows, columns), sorted by row then column."""
     n = ranks.size(0)
     near = ranks[:, : min(k1 + 1, n)].contiguous()
-    half = ranks[:, : min(round(k1 / 2) + 1, n)].contiguous()  # round() as np.around: half to even
-    recip, half_recip = _reciprocal_mask(near), _reciprocal_mask(half)
+    half = min(round(k1 / 2) + 1, n)  # round() as np.around: half to even
+    back = _reciprocal_ranks(near)
+    # the half neighbourhoods are prefixes: i is among the `half` nearest of j when its rank there is below
+    recip, half_recip = back < near.size(1), back[:, :half] < half
     recip_keys = _pair_keys(near)[recip].sort().values  # R(i, k1) as keys i * N + j
     # Each candidate c in R(i, k1), with R(c, round(k1 / 2)) = the members cand[p, cand_in[p]].
     owner, candidate = recip_keys // n, recip_keys % n
-    cand, cand_in = half.index_select(0, candidate), half_recip.index_select(0, candidate)
+    cand, cand_in = near[:, :half].index_select(0, candidate), half_recip.index_select(0, candidate)
     cand_keys = owner.unsqueeze(1) * n + cand
     shared = (cand_in & _lookup(recip_keys, cand_keys)[1]).sum(1)
     expand = 3 * shared > 2 * cand_in.sum(1)  # |R(c) & R(i)| > 2/3 |R(c)|, in integers
@@ -507,9 +512,10 @@ def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, la
         sim = torch.where(found, top_values.take(pos), 0)
         missing = (~found).nonzero().squeeze(1)
         for chunk in missing.split(max(1, _BLOCK_ELEMENTS // x.size(1))):
-            r, c = rows[chunk], cols[chunk]
-            sim[chunk] = torch.linalg.vecdot(x[r], x[c]) * (inv_norm[r] * inv_norm[c])
-        return (1 - sim).square_().div_(far_sq[rows])
+            r, c = rows.take(chunk), cols.take(chunk)
+            dots = torch.linalg.vecdot(x.index_select(0, r), x.index_select(0, c))
+            sim[chunk] = dots * (inv_norm.take(r) * inv_norm.take(c))
+        return (1 - sim).square_().div_(far_sq.take(rows))
 
     return _re_rank(top.indices, pair_distance, original_qg, k1, k2, lambda_value, bar)
 
@@ -523,17 +529,29 @@ def _distance_tensor(name: str, value, shape) -> torch.Tensor:
     return t
 
 
-def _rows_of_transposed(q_q, q_g, g_g, begin: int, end: int) -> torch.Tensor:
-    """Rows [begin, end) of A^T, A = [[q_q, q_g], [q_g^T, g_g]]: [q_q^T, q_g] for queries, [q_g^T, g_g^T] for gallery."""
-    num_query = q_q.size(0)
-    parts = []
-    if begin < num_query:
-        e = min(end, num_query)
-        parts.append(torch.cat([q_q[:, begin:e].t(), q_g[begin:e]], 1))
-    if end > num_query:
-        b = max(begin, num_query) - num_query
-        parts.append(torch.cat([q_g[:, b : end - num_query].t(), g_g[:, b : end - num_query].t()], 1))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+def _transposed(columns: torch.Tensor) -> torch.Tensor:
+    """columns.t() (columns: a column slice of a row-major matrix) as a contiguous tensor. Through a
+    contiguous copy first: copy_ transposes a whole contiguous matrix in cache-sized tiles, a
+    slice only element by element, one cache miss each."""
+    return columns.contiguous().t().contiguous()
+
+
+def _blocks_of_transposed(q_q, q_g, g_g):
+    """Consecutive row blocks (begin, block) of A^T, A = [[q_q, q_g], [q_g^T, g_g]]: rows [q_q^T, q_g]
+    for queries, [q_g^T, g_g^T] for gallery samples, each copied into the same buffer."""
+    num_query, n = q_q.size(0), q_q.size(0) + g_g.size(0)
+    step = max(1, _RANK_BLOCK_ELEMENTS // n)
+    buffer = q_g.new_empty(min(step, n), n)
+    for begin in range(0, num_query, step):
+        block = buffer[: min(step, num_query - begin)]
+        block[:, :num_query].copy_(_transposed(q_q[:, begin : begin + step]))
+        block[:, num_query:].copy_(q_g[begin : begin + step])
+        yield begin, block
+    for begin in range(0, n - num_query, step):
+        block = buffer[: min(step, n - num_query - begin)]
+        block[:, :num_query].copy_(_transposed(q_g[:, begin : begin + step]))
+        block[:, num_query:].copy_(_transposed(g_g[:, begin : begin + step]))
+        yield num_query + begin, block
 
 
 @torch.no_grad()
@@ -544,7 +562,8 @@ def re_ranking_distances(
     semantics of the re_ranking function of fast-reid and torchreid.
 
     final = (1 - lambda) * jaccard(V) + lambda * original, with original = A^2 transposed and each
-    row scaled by its largest value, A = [[q_q, q_g], [q_g^T, g_g]] (see the comment above).
+    row scaled by its largest value, A = [[q_q, q_g], [q_g^T, g_g]] (every step: the README's
+    "topk_similarity and k-reciprocal re-ranking").
     The inputs are taken as given (not squared, not symmetrized). Computed in their dtype (the
     standard code in float32) with a sparse V and O((Q+G) x k) memory besides the inputs and the
     result. Equal distances within a row rank in an unspecified order, as np.argsort's.
@@ -577,12 +596,11 @@ def re_ranking_distances(
     bar.set_postfix_str("nearest samples")
     ranks = torch.empty(n, k, dtype=torch.long, device=q_g.device)
     far_sq = torch.empty(n, dtype=q_g.dtype, device=q_g.device)
-    step = max(1, _BLOCK_ELEMENTS // n)
-    for a in range(0, n, step):
-        b = min(a + step, n)
-        scaled = _rows_of_transposed(q_q, q_g, g_g, a, b).square_()
-        far_sq[a:b] = scaled.amax(1)
-        ranks[a:b] = torch.topk(scaled.div_(far_sq[a:b, None]), k, dim=1, largest=False).indices
+    for a, block in _blocks_of_transposed(q_q, q_g, g_g):
+        squared = block.square_()
+        far_sq[a : a + block.size(0)] = squared.amax(1)
+        # Ranked before the scaling: dividing a row by its (positive) maximum keeps its order.
+        ranks[a : a + block.size(0)] = torch.topk(squared, k, dim=1, largest=False).indices
     original_qg = q_g.square().div_(far_sq[:num_query, None])
     bar.update()
 

@@ -268,6 +268,17 @@ def test_re_ranking_empty_query_or_gallery(gen):
     assert re_ranking_distances(np.zeros((0, 3)), np.zeros((0, 0)), np.zeros((3, 3))).shape == (0, 3)
 
 
+def test_re_ranking_nan_feature_makes_every_distance_nan(gen):
+    # As in the standard code: every row's largest distance, which scales the row, is NaN.
+    x = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    x[13, 1] = float("nan")
+    assert re_ranking(x[:10], x[10:]).isnan().all()
+    distances = cosine_distances(x[:10], x[10:])
+    assert re_ranking_distances(*distances).isnan().all()
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(dense_re_ranking(*(t.numpy() for t in distances), dtype=np.float64)).all()
+
+
 def test_re_ranking_bad_input_names_the_argument(gen):
     x = torch.randn(6, 4, generator=gen)
     q_g, q_q, g_g = cosine_distances(x[:2], x[2:])
