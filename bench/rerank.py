@@ -191,8 +191,9 @@ def table(rows) -> str:
     lines = ["| Q x G | case | s | runs | peak MiB | x numpy time | peak / numpy's |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['Q']} x {row['G']} | {row['case']} | {_fmt(row.get('s'))} | {len(row.get('runs', []))} "
-                     f"| {_fmt(row.get('peak_mib'), 4)} | {_fmt(row.get('speedup'))} | {_fmt(row.get('mem_ratio'), 2)} |")
+        cells = [f"{row['Q']} x {row['G']}", row["case"], _fmt(row.get("s")), str(len(row.get("runs", []))),
+                 _fmt(row.get("peak_mib"), 4), _fmt(row.get("speedup")), _fmt(row.get("mem_ratio"), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

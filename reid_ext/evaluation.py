@@ -377,7 +377,8 @@ def _query_expansion(rows, cols, vals, ranks: torch.Tensor, k2: int):
     lengths = counts.index_select(0, sources)
     ends = lengths.cumsum(0)
     entry = torch.repeat_interleave(lengths, output_size=int(ends[-1]))  # the (i, r) of each gathered entry
-    pos = torch.arange(entry.numel(), device=rows.device) + (starts.index_select(0, sources) - ends + lengths).take(entry)
+    shift = starts.index_select(0, sources) - ends + lengths  # gathered entry t of (i, r) comes from t + shift
+    pos = torch.arange(entry.numel(), device=rows.device) + shift.take(entry)
     keys, inverse = torch.unique((entry // kq) * n + cols.take(pos), return_inverse=True)
     summed = torch.zeros(keys.numel(), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals.take(pos))
     return keys // n, keys % n, summed / kq
@@ -388,17 +389,23 @@ def _jaccard_overlap(rows, cols, vals, num_query: int, n: int) -> torch.Tensor:
 
     Each query entry (i, f) meets the gallery entries of column f (an inverted index). Entries
     are taken by increasing number of partners, in blocks of at most _BLOCK_ELEMENTS pairs
-    padded to the block's longest, which is little padding.
+    padded to the block's longest: little padding, and it needs no mask, as each column's
+    partners end with a sentinel of value 0 in an extra gallery column G that is dropped.
     """
     num_gallery = n - num_query
     split = int(torch.searchsorted(rows, num_query))  # sorted by row: the queries' entries come first
     q_rows, q_cols, q_vals = rows[:split], cols[:split], vals[:split]
-    order = torch.argsort(cols[split:], stable=True)
-    g_rows, g_vals = (rows[split:] - num_query).take(order), vals[split:].take(order)
-    g_counts = torch.bincount(cols[split:], minlength=n)
-    g_starts = g_counts.cumsum(0) - g_counts
+    g_cols = cols[split:]
+    order = torch.argsort(g_cols, stable=True)
+    g_counts = torch.bincount(g_cols, minlength=n)
+    starts = g_counts.cumsum(0) - g_counts + torch.arange(n, device=rows.device)  # one sentinel per earlier column
+    partner_rows = torch.full((g_cols.numel() + n,), num_gallery, dtype=rows.dtype, device=rows.device)
+    partner_vals = torch.zeros(g_cols.numel() + n, dtype=vals.dtype, device=vals.device)
+    slots = torch.arange(g_cols.numel(), device=rows.device) + g_cols.take(order)
+    partner_rows[slots] = (rows[split:] - num_query).take(order)
+    partner_vals[slots] = vals[split:].take(order)
     lengths, by_length = g_counts.take(q_cols).sort()
-    overlap = torch.zeros(num_query * num_gallery, dtype=vals.dtype, device=vals.device)
+    overlap = torch.zeros(num_query * (num_gallery + 1), dtype=vals.dtype, device=vals.device)
     begin = int(torch.searchsorted(lengths, 0, right=True))  # entries without partners add nothing
     while begin < split:
         # the longest block whose padded size (entries x its last, longest length) fits
@@ -407,13 +414,13 @@ def _jaccard_overlap(rows, cols, vals, num_query: int, n: int) -> torch.Tensor:
         end = begin + max(1, int(torch.searchsorted(padded, _BLOCK_ELEMENTS, right=True)))
         entries = by_length[begin:end]
         offsets = torch.arange(int(lengths[end - 1]), device=rows.device)
-        valid = offsets < lengths[begin:end].unsqueeze(1)
-        pos = (g_starts.take(q_cols.take(entries)).unsqueeze(1) + offsets).masked_fill_(~valid, 0)
-        share = torch.minimum(q_vals.take(entries).unsqueeze(1), g_vals.take(pos)).masked_fill_(~valid, 0)
-        target = q_rows.take(entries).unsqueeze(1) * num_gallery + g_rows.take(pos)
+        pos = torch.minimum(offsets, lengths[begin:end].unsqueeze(1))  # past the end: the column's sentinel
+        pos += starts.take(q_cols.take(entries)).unsqueeze(1)
+        share = torch.minimum(q_vals.take(entries).unsqueeze(1), partner_vals.take(pos))
+        target = partner_rows.take(pos).add_(q_rows.take(entries).unsqueeze(1) * (num_gallery + 1))
         overlap.index_add_(0, target.view(-1), share.view(-1))
         begin = end
-    return overlap.view(num_query, num_gallery)
+    return overlap.view(num_query, num_gallery + 1)[:, :num_gallery]
 
 
 @contextlib.contextmanager
@@ -461,7 +468,9 @@ def _progress(n: int) -> tqdm:
 
 
 @torch.no_grad()
-def re_ranking(qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> torch.Tensor:
+def re_ranking(
+    qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
+) -> torch.Tensor:
     """k-reciprocal re-ranking (Zhong et al., CVPR 2017) from features, on the cosine distance.
 
     Equals ``re_ranking_distances(1 - S_qg, 1 - S_qq, 1 - S_gg, k1, k2, lambda_value)`` with

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reid_ext
-from reid_ext.evaluation import evaluate_rank, re_ranking, re_ranking_distances
+from reid_ext.evaluation import distance_matrix, evaluate_dataset, evaluate_rank, re_ranking, re_ranking_distances
 
 # The dense transcription of the standard algorithm lives with the benchmark that times it.
 _spec = importlib.util.spec_from_file_location(
@@ -259,6 +259,26 @@ def test_re_ranked_distances_are_accepted_by_evaluate_rank(gen):
     camids = np.arange(60) // 30
     result = evaluate_rank(re_ranking(x[:10], x[10:]), pids[:10], pids[10:], camids[:10], camids[10:])
     assert 0 < result["mAP"] <= 1
+
+
+def test_evaluate_dataset_with_and_without_re_ranking_from_the_same_features(gen):
+    images = clustered_features(60, 12, torch.float32, gen).view(60, 3, 2, 2)
+    pids, camids = torch.arange(60) % 10, torch.arange(60) // 30
+    loaders = [
+        torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(images[part], pids[part], camids[part], torch.zeros(len(pids[part]))),
+            batch_size=16,
+        )
+        for part in (slice(0, 10), slice(10, 60))
+    ]
+    got = evaluate_dataset(torch.nn.Flatten(), *loaders, "market", torch.device("cpu"), flip=False, rerank=True, k1=5)
+    qf, gf = images[:10].flatten(1), images[10:].flatten(1)
+    labels = (pids[:10].numpy(), pids[10:].numpy(), camids[:10].numpy(), camids[10:].numpy())
+    plain = evaluate_rank(distance_matrix(qf, gf), *labels)
+    reranked = evaluate_rank(re_ranking(qf, gf, k1=5), *labels)
+    assert got["mAP"] == plain["mAP"] and got["rerank"]["mAP"] == reranked["mAP"]
+    assert got["rerank"]["rank1"] == reranked["cmc"][0] and got["mAP"] != reranked["mAP"]
+    assert "rerank" not in evaluate_dataset(torch.nn.Flatten(), *loaders, "market", torch.device("cpu"), flip=False)
 
 
 def test_re_ranking_empty_query_or_gallery(gen):
