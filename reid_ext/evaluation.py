@@ -348,6 +348,21 @@ def _reciprocal_ranks(near: torch.Tensor) -> torch.Tensor:
     return torch.where(found, order.take(pos) % k, k)
 
 
+def _members(keys: torch.Tensor, queries: torch.Tensor, n: int) -> torch.Tensor:
+    """found[p, s]: whether queries[p, s] is among the sorted keys i * N + j, where queries[p] has
+    the row i of keys[p]. A bitmap of each block of rows answers with one gather per query, where a
+    binary search costs a cache miss per step."""
+    found = torch.empty(queries.shape, dtype=torch.bool, device=keys.device)
+    step = max(1, _RANK_BLOCK_ELEMENTS // n)
+    bounds = torch.searchsorted(keys, torch.arange(0, n + step, step, device=keys.device) * n).tolist()
+    for block, begin in enumerate(range(0, n, step)):
+        lo, hi = bounds[block], bounds[block + 1]
+        bitmap = torch.zeros(min(step, n - begin) * n, dtype=torch.bool, device=keys.device)
+        bitmap[keys[lo:hi] - begin * n] = True
+        found[lo:hi] = bitmap.take(queries[lo:hi] - begin * n)
+    return found
+
+
 def _expanded_sets(ranks: torch.Tensor, k1: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The members of every E(i) as (rows, columns), sorted by row then column."""
     n = ranks.size(0)
@@ -361,7 +376,7 @@ def _expanded_sets(ranks: torch.Tensor, k1: int) -> Tuple[torch.Tensor, torch.Te
     owner, candidate = recip_keys // n, recip_keys % n
     cand, cand_in = near[:, :half].index_select(0, candidate), half_recip.index_select(0, candidate)
     cand_keys = owner.unsqueeze(1) * n + cand
-    shared = (cand_in & _lookup(recip_keys, cand_keys)[1]).sum(1)
+    shared = (cand_in & _members(recip_keys, cand_keys, n)).sum(1)
     expand = 3 * shared > 2 * cand_in.sum(1)  # |R(c) & R(i)| > 2/3 |R(c)|, in integers
     keys = torch.unique(torch.cat([recip_keys, cand_keys[cand_in & expand.unsqueeze(1)]]))
     return keys // n, keys % n
@@ -425,9 +440,10 @@ def _jaccard_overlap(rows, cols, vals, num_query: int, n: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _one_thread():
-    """torch's intra-op threads set to 1 inside (restored after; process-wide): the sparse stages
-    are hundreds of small memory-bound ops, and with 2 threads each op's parallel region cost more
-    than it saved, up to 10x more when other processes held the cores (measured on 2 cores)."""
+    """torch's intra-op threads set to 1 inside (restored after; process-wide). For the memory-bound
+    stages (ranking rows of distances, the sparse stages: hundreds of ops on blocks of at most a
+    few MiB), 2 threads cost more than they saved, 4x to 10x more when other processes held the
+    cores (measured on 2 cores); the products with the features keep every thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -605,11 +621,12 @@ def re_ranking_distances(
     bar.set_postfix_str("nearest samples")
     ranks = torch.empty(n, k, dtype=torch.long, device=q_g.device)
     far_sq = torch.empty(n, dtype=q_g.dtype, device=q_g.device)
-    for a, block in _blocks_of_transposed(q_q, q_g, g_g):
-        squared = block.square_()
-        far_sq[a : a + block.size(0)] = squared.amax(1)
-        # Ranked before the scaling: dividing a row by its (positive) maximum keeps its order.
-        ranks[a : a + block.size(0)] = torch.topk(squared, k, dim=1, largest=False).indices
+    with _one_thread():
+        for a, block in _blocks_of_transposed(q_q, q_g, g_g):
+            squared = block.square_()
+            far_sq[a : a + block.size(0)] = squared.amax(1)
+            # Ranked before the scaling: dividing a row by its (positive) maximum keeps its order.
+            ranks[a : a + block.size(0)] = torch.topk(squared, k, dim=1, largest=False).indices
     original_qg = q_g.square().div_(far_sq[:num_query, None])
     bar.update()
 
