@@ -405,7 +405,7 @@ def _jaccard_overlap(rows, cols, vals, num_query: int, n: int) -> torch.Tensor:
     Each query entry (i, f) meets the gallery entries of column f (an inverted index). Entries
     are taken by increasing number of partners, in blocks of at most _BLOCK_ELEMENTS pairs
     padded to the block's longest: little padding, and it needs no mask, as each column's
-    partners end with a sentinel of value 0 in an extra gallery column G that is dropped.
+    partners end with a sentinel of value 0, whose min with an entry of V (>= 0) adds nothing.
     """
     num_gallery = n - num_query
     split = int(torch.searchsorted(rows, num_query))  # sorted by row: the queries' entries come first
@@ -414,13 +414,13 @@ def _jaccard_overlap(rows, cols, vals, num_query: int, n: int) -> torch.Tensor:
     order = torch.argsort(g_cols, stable=True)
     g_counts = torch.bincount(g_cols, minlength=n)
     starts = g_counts.cumsum(0) - g_counts + torch.arange(n, device=rows.device)  # one sentinel per earlier column
-    partner_rows = torch.full((g_cols.numel() + n,), num_gallery, dtype=rows.dtype, device=rows.device)
+    partner_rows = torch.zeros(g_cols.numel() + n, dtype=rows.dtype, device=rows.device)
     partner_vals = torch.zeros(g_cols.numel() + n, dtype=vals.dtype, device=vals.device)
     slots = torch.arange(g_cols.numel(), device=rows.device) + g_cols.take(order)
     partner_rows[slots] = (rows[split:] - num_query).take(order)
     partner_vals[slots] = vals[split:].take(order)
     lengths, by_length = g_counts.take(q_cols).sort()
-    overlap = torch.zeros(num_query * (num_gallery + 1), dtype=vals.dtype, device=vals.device)
+    overlap = torch.zeros(num_query * num_gallery, dtype=vals.dtype, device=vals.device)
     begin = int(torch.searchsorted(lengths, 0, right=True))  # entries without partners add nothing
     while begin < split:
         # the longest block whose padded size (entries x its last, longest length) fits
@@ -432,10 +432,10 @@ def _jaccard_overlap(rows, cols, vals, num_query: int, n: int) -> torch.Tensor:
         pos = torch.minimum(offsets, lengths[begin:end].unsqueeze(1))  # past the end: the column's sentinel
         pos += starts.take(q_cols.take(entries)).unsqueeze(1)
         share = torch.minimum(q_vals.take(entries).unsqueeze(1), partner_vals.take(pos))
-        target = partner_rows.take(pos).add_(q_rows.take(entries).unsqueeze(1) * (num_gallery + 1))
+        target = partner_rows.take(pos).add_(q_rows.take(entries).unsqueeze(1) * num_gallery)
         overlap.index_add_(0, target.view(-1), share.view(-1))
         begin = end
-    return overlap.view(num_query, num_gallery + 1)[:, :num_gallery]
+    return overlap.view(num_query, num_gallery)
 
 
 @contextlib.contextmanager

@@ -212,6 +212,22 @@ def test_re_ranking_distances_matches_the_dense_algorithm(q, g, k1, k2, lambda_v
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
 
 
+def test_re_ranking_in_many_small_blocks(monkeypatch):
+    # Blocks of a few rows for the ranking and the bitmaps, of a few pairs for the Jaccard sums:
+    # every block boundary the full-size problems cross, at the sizes of a test.
+    import reid_ext.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "_RANK_BLOCK_ELEMENTS", 3 * 70)
+    monkeypatch.setattr(evaluation, "_BLOCK_ELEMENTS", 50)
+    rng = np.random.default_rng(7)
+    q_g, q_q, g_g = random_distances(20, 50, "clustered", rng)
+    want = dense_re_ranking(q_g, q_q, g_g, 20, 6, 0.3, dtype=np.float64)
+    np.testing.assert_allclose(re_ranking_distances(q_g, q_q, g_g).numpy(), want, rtol=1e-12, atol=1e-12)
+    x = torch.from_numpy(rng.normal(size=(70, 8)))
+    distances = cosine_distances(x[:20], x[20:])
+    torch.testing.assert_close(re_ranking(x[:20], x[20:]), re_ranking_distances(*distances), rtol=1e-10, atol=1e-10)
+
+
 def test_re_ranking_distances_tensors_and_float32():
     rng = np.random.default_rng(5)
     q_g, q_q, g_g = random_distances(20, 80, "clustered", rng)
