@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     name = device_name(torch.device("cpu"))
-    stem = "_".join(name.replace("(R)", " ").replace("(TM)", " ").replace("-", " ").split())
+    # as bench/losses.py names its files: "cpu-Intel(R) Xeon(R) Processor" -> "Intel_Xeon_Processor"
+    stem = "_".join(re.sub(r"\((R|TM)\)|[^A-Za-z0-9.-]+", " ", name.removeprefix("cpu-")).split())
     out = args.out or RESULTS / f"rerank-{stem}.json"
     results = {"command": shlex.join(["python", "bench/rerank.py"] + (sys.argv[1:] if argv is None else argv)),
                "device": name, "torch": torch.__version__, "threads": args.threads, "cores": os.cpu_count(),
