@@ -431,9 +431,10 @@ def _jaccard_overlap(rows, cols, vals, num_query: int, n: int) -> torch.Tensor:
         offsets = torch.arange(int(lengths[end - 1]), device=rows.device)
         pos = torch.minimum(offsets, lengths[begin:end].unsqueeze(1))  # past the end: the column's sentinel
         pos += starts.take(q_cols.take(entries)).unsqueeze(1)
-        share = torch.minimum(q_vals.take(entries).unsqueeze(1), partner_vals.take(pos))
-        target = partner_rows.take(pos).add_(q_rows.take(entries).unsqueeze(1) * num_gallery)
-        overlap.index_add_(0, target.view(-1), share.view(-1))
+        # gather from a broadcast row: the same as take(pos), and faster
+        share = torch.minimum(q_vals.take(entries).unsqueeze(1), partner_vals.expand(len(pos), -1).gather(1, pos))
+        target = partner_rows.expand(len(pos), -1).gather(1, pos).add_(q_rows.take(entries).unsqueeze(1) * num_gallery)
+        overlap.scatter_add_(0, target.view(-1), share.view(-1))
         begin = end
     return overlap.view(num_query, num_gallery)
 
