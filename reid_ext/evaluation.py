@@ -308,10 +308,11 @@ def evaluate_dataset(
 # Each row needs only its max(k1 + 1, k2) nearest samples, its largest distance and a sparse V:
 # here V is a list of (row, column, value) entries sorted by row, never an N x N matrix.
 
-# Elements per temporary block (row blocks of A, gathered features, pairs of the Jaccard sum): small
-# enough to stay in cache and to be reused by the allocator instead of being mapped afresh.
+# Elements per temporary block (gathered features, pairs of the Jaccard sum, rows of the final sum):
+# small enough to stay in cache and to be reused by the allocator instead of being mapped afresh.
 _BLOCK_ELEMENTS = 1 << 18
-# Elements of the buffer that holds row blocks of the distance matrix while they are ranked.
+# Elements of the buffer that holds row blocks of the distance matrix while they are ranked, and of
+# each bitmap of _members.
 _RANK_BLOCK_ELEMENTS = 1 << 21
 # From this many samples on, re-ranking takes seconds and shows its stages in a progress bar.
 _PROGRESS_FROM = 8192
@@ -529,7 +530,7 @@ def re_ranking(
     original_qg = reid_ext.cosine_similarity(qf, gf).neg_().add_(1).square_().div_(far_sq[:num_query, None])
     bar.update()
     keys, order = (torch.arange(n, device=x.device).unsqueeze(1) * n + top.indices).reshape(-1).sort()
-    top_values = top.values.reshape(-1)[order]
+    top_values = top.values.reshape(-1).take(order)
     inv_norm = 1 / x.norm(dim=1).clamp_min(1e-12)
 
     def pair_distance(rows, cols):
@@ -626,7 +627,8 @@ def re_ranking_distances(
         for a, block in _blocks_of_transposed(q_q, q_g, g_g):
             squared = block.square_()
             far_sq[a : a + block.size(0)] = squared.amax(1)
-            # Ranked before the scaling: dividing a row by its (positive) maximum keeps its order.
+            # Ranked before the scaling: dividing a row by its (positive) maximum keeps its order; a
+            # zero or NaN maximum leaves the standard code a row of NaN, ranked in no defined order.
             ranks[a : a + block.size(0)] = torch.topk(squared, k, dim=1, largest=False).indices
     original_qg = q_g.square().div_(far_sq[:num_query, None])
     bar.update()
