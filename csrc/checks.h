@@ -108,6 +108,14 @@ inline void check_cosine_similarity_args(const at::Tensor& x, const c10::optiona
   check_finite_positive(eps, "eps");
 }
 
+inline void check_topk_similarity_args(const at::Tensor& x, const c10::optional<at::Tensor>& y, int64_t k,
+                                       double eps) {
+  check_cosine_similarity_args(x, y, eps);
+  const int64_t m = y.has_value() ? y->size(0) : x.size(0);
+  TORCH_CHECK_VALUE(k >= 1 && k <= m, "k must be in [1, M] with M = ", m, " the number of rows of ",
+                    y.has_value() ? "y" : "x (y=None)", ", got k=", k);
+}
+
 struct UnifiedArgs {
   PairMode mode;
   Reduction reduction;

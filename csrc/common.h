@@ -258,4 +258,17 @@ HOST_DEVICE_INLINE acc_t smoothed_cross_entropy_grad(acc_t logit, acc_t lse, boo
   return math_exp(logit - lse) - (is_target ? acc_t(1) - smoothing : acc_t(0)) - smoothing / acc_t(num_classes);
 }
 
+// ---- topk_similarity
+
+// Whether (a, ja) ranks before (b, jb) in a top-k, as torch.topk orders: by value, largest or
+// smallest first, NaN above every number (so first with largest, last without), and equal values
+// (NaNs too) by the lower index. A total order, so every merge order of tiles gives the same result.
+template <typename acc_t>
+HOST_DEVICE_INLINE bool topk_before(acc_t a, int64_t ja, acc_t b, int64_t jb, bool largest) {
+  const bool nan_a = a != a, nan_b = b != b;
+  if (nan_a != nan_b) return nan_a == largest;
+  if (!nan_a && a != b) return largest ? a > b : a < b;
+  return ja < jb;
+}
+
 }  // namespace reid_ext

@@ -59,6 +59,9 @@ inline void define_schemas(torch::Library& m) {
       "_cosine_softmax_loss_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor labels, Tensor lse, "
       "float scale, float margin, float label_smoothing, str reduction, bool grad_x, bool grad_weight) "
       "-> (Tensor, Tensor)");
+  // For each row of x, the k most (largest) or least similar rows of y (y = None: of x, itself included),
+  // sorted, ties to the lower index, and the row's similarity extreme at the other end. Not differentiable.
+  m.def("topk_similarity(Tensor x, Tensor? y, int k, bool largest, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 // The argument checks alone (csrc/check_ops.cpp), for reid_ext.reference: it raises the errors the

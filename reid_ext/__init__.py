@@ -30,6 +30,8 @@ from .ops import (  # noqa: E402
     cosine_softmax_loss,
     hetero_center_triplet_loss,
     modality_centers,
+    topk_similarity,
+    TopKSimilarity,
     unified_triplet_loss,
 )
 from . import losses  # noqa: E402
@@ -48,6 +50,8 @@ __all__ = [
     "modality_centers",
     "hetero_center_triplet_loss",
     "cosine_softmax_loss",
+    "topk_similarity",
+    "TopKSimilarity",
     "CrossBatchMemory",
     "gather_batch",
     "distributed",

@@ -8,7 +8,7 @@ With reduction="none" a backward op recomputes the pairs. Backward ops are ops o
 so that torch.compile sees the whole graph.
 """
 import contextlib
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -20,6 +20,8 @@ __all__ = [
     "modality_centers",
     "hetero_center_triplet_loss",
     "cosine_softmax_loss",
+    "topk_similarity",
+    "TopKSimilarity",
 ]
 
 # The op namespace the public functions call: torch.ops.reid_ext, or (tools/cudasim) the
@@ -516,6 +518,67 @@ def _cosine_softmax_backward(ops, ctx, grad_loss, *_unused):
 
 
 _AUTOGRAD["cosine_softmax_loss"] = (_cosine_softmax_backward, _cosine_softmax_setup)
+
+
+# ---------------------------------------------------------------- topk_similarity
+
+
+class TopKSimilarity(NamedTuple):
+    """What topk_similarity returns (see there)."""
+
+    values: Tensor
+    indices: Tensor
+    far: Tensor
+
+
+def topk_similarity(
+    x: Tensor, y: Optional[Tensor] = None, *, k: int, largest: bool = True, eps: float = 1e-12
+) -> TopKSimilarity:
+    """The k most similar rows of y for every row of x, by cosine similarity, fused: the N x M
+    similarity matrix is never stored (tiles of y stream past blocks of x).
+
+    values[i] = the k largest S_ij over j (smallest with largest=False), sorted, with
+    S_ij = <x_i, y_j> / (max(|x_i|, eps) * max(|y_j|, eps)), as cosine_similarity.
+
+    Ordered as torch.topk of the dense similarity orders, and ties go to the lowest index: the
+    result equals ``torch.topk(cosine_similarity(x, y), k, largest=largest)`` up to rounding. A NaN
+    similarity (a NaN feature) counts as larger than every number, as in torch.topk: with
+    largest=True it comes first, without it comes last; ``far`` of its row is NaN.
+
+    Not differentiable: no output requires grad, whatever the inputs.
+
+    Args:
+        x (Tensor[N, D]): features.
+        y (Tensor[M, D], optional): other features; None means y = x, each row of x included
+            among its own candidates (its similarity with itself is 1).
+        k (int): in [1, M].
+        largest (bool): the k largest similarities (True) or the k smallest.
+        eps (float): lower bound of the norms, finite and > 0.
+
+    Returns:
+        TopKSimilarity(values, indices, far): values (Tensor[N, k]), indices (int64 Tensor[N, k])
+        into the rows of y, and far (Tensor[N]), the row's similarity at the other end of the
+        order over all M columns: its minimum with largest=True (1 - far is the row's largest
+        cosine distance), its maximum otherwise.
+    """
+    return TopKSimilarity(*_OPS.topk_similarity.default(x, y, k, largest, eps))
+
+
+@_fake("topk_similarity")
+def _topk_similarity_fake(x, y, k, largest, eps):
+    n = x.size(0)
+    return x.new_empty(n, k), x.new_empty(n, k, dtype=torch.long), x.new_empty(n)
+
+
+def _topk_similarity_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _topk_similarity_backward(ops, ctx, *grads):
+    raise RuntimeError("reid_ext.topk_similarity is not differentiable")
+
+
+_AUTOGRAD["topk_similarity"] = (_topk_similarity_backward, _topk_similarity_setup)
 
 
 # ---------------------------------------------------------------- registration
