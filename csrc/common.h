@@ -40,6 +40,10 @@ HOST_DEVICE_INLINE float math_log1p(float v) { return log1pf(v); }
 HOST_DEVICE_INLINE double math_log1p(double v) { return log1p(v); }
 HOST_DEVICE_INLINE float math_sqrt(float v) { return sqrtf(v); }
 HOST_DEVICE_INLINE double math_sqrt(double v) { return sqrt(v); }
+HOST_DEVICE_INLINE float math_frexp(float v, int* exponent) { return frexpf(v, exponent); }
+HOST_DEVICE_INLINE double math_frexp(double v, int* exponent) { return frexp(v, exponent); }
+HOST_DEVICE_INLINE float math_ldexp(float v, int exponent) { return ldexpf(v, exponent); }
+HOST_DEVICE_INLINE double math_ldexp(double v, int exponent) { return ldexp(v, exponent); }
 
 template <typename acc_t>
 HOST_DEVICE_INLINE acc_t neg_infinity() {
@@ -100,6 +104,32 @@ HOST_DEVICE_INLINE acc_t sigmoid(acc_t v) {
 template <typename acc_t>
 HOST_DEVICE_INLINE constexpr acc_t norm_eps() {
   return acc_t(1e-12);
+}
+
+// Rows of large magnitude, scaled. Cosine similarity is scale-invariant, so the kernels may compute
+// it from c_i * x_i for any c_i > 0; with c_i a power of two the scaling is exact. A row whose
+// largest magnitude exceeds big_row<acc_t>() is scaled by row_scale(max_abs) into [0.5, 1), so that
+// neither its squared norm nor its dot products (D terms) can overflow; other rows keep c_i = 1
+// (small rows too: the norm floor norm_eps applies to the unscaled norm). The gradient of the
+// scaled row is c_i times the gradient of the row itself.
+template <typename acc_t>
+HOST_DEVICE_INLINE constexpr acc_t big_row();
+template <>
+HOST_DEVICE_INLINE constexpr float big_row<float>() {
+  return 1099511627776.0f;  // 2^40: squares of 2^80, sums over D < 2^47 terms stay below float's 2^128
+}
+template <>
+HOST_DEVICE_INLINE constexpr double big_row<double>() {
+  return 2.582249878086908e+120;  // 2^400
+}
+
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t row_scale(acc_t max_abs) {
+  // Small, NaN and infinite rows stay as they are (inf - inf is NaN): a NaN or inf stays one.
+  if (!(max_abs > big_row<acc_t>()) || max_abs - max_abs != acc_t(0)) return acc_t(1);
+  int exponent = 0;
+  math_frexp(max_abs, &exponent);  // max_abs = m * 2^exponent, m in [0.5, 1)
+  return math_ldexp(acc_t(1), -exponent);
 }
 
 // 1 / max(|x|, eps), from the squared norm.
