@@ -195,5 +195,32 @@ cudaError_t launch_cosine_softmax_coefficients(const CosineSoftmaxParams& p, con
 cudaError_t launch_cosine_softmax_finish(const CosineSoftmaxParams& p, bool rows_are_anchors, const float* acc,
                                          const float* sums, void* out, cudaStream_t stream);
 
+// ---- topk_similarity
+
+// The largest k of the fused kernel: each of a block's 64 rows keeps its best k so far in shared
+// memory. Larger k take the glue's chunked path (topk_similarity_cuda.cpp: use_fused_kernel).
+constexpr int kTopKFusedMax = 32;
+
+struct TopKParams {
+  const void* x;  // [n, d]
+  const void* y;  // [m, d] (x itself for y = None)
+  int64_t n, m, d, k;  // 1 <= k <= min(m, kTopKFusedMax)
+  float eps;
+  bool largest;
+  ScalarKind kind;
+  void* values;      // [n, k], dtype of x, sorted
+  int64_t* indices;  // [n, k]
+  void* far;         // [n], dtype of x
+  // With splits > 1 the columns are split across blocks (grid.y, whole tiles); split s leaves its
+  // sorted best min(k, its columns) of row i at [(s * n + i) * k, ...) of partial_values and
+  // partial_indices, and its far extreme at partial_far[s * n + i], for a merge kernel.
+  float* partial_values;     // [splits, n, k]
+  int64_t* partial_indices;  // [splits, n, k]
+  float* partial_far;        // [splits, n]
+  int splits;
+};
+
+cudaError_t launch_topk_similarity(const TopKParams& p, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace reid_ext
