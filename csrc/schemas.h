@@ -62,6 +62,9 @@ inline void define_schemas(torch::Library& m) {
   // For each row of x, the k most (largest) or least similar rows of y (y = None: of x, itself included),
   // sorted, ties to the lower index, and the row's similarity extreme at the other end. Not differentiable.
   m.def("topk_similarity(Tensor x, Tensor? y, int k, bool largest, float eps) -> (Tensor, Tensor, Tensor)");
+  // Re-ranking's sparse stages (reid_ext.evaluation; CPU): V as its entries sorted by (row, column), the local
+  // query expansion over each row's k2 nearest (ranks) when k2 > 1, and the Q x G Jaccard distances of V's rows.
+  m.def("_jaccard_distance(Tensor rows, Tensor cols, Tensor vals, Tensor ranks, int num_query, int k2) -> Tensor");
 }
 
 // The argument checks alone (csrc/check_ops.cpp), for reid_ext.reference: it raises the errors the

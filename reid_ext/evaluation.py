@@ -31,6 +31,7 @@ __all__ = [
     "evaluate_dataset",
     "re_ranking",
     "re_ranking_distances",
+    "check_re_ranking_options",
 ]
 
 def _to_numpy(name: str, value, ndim: int) -> np.ndarray:
@@ -264,7 +265,7 @@ def evaluate_dataset(
     if protocol not in ("market", "cross-modality", "sysu-all", "sysu-indoor"):
         raise ValueError(f"unknown protocol {protocol!r}")
     if rerank:
-        _check_re_ranking_options(k1, k2, lambda_value)
+        check_re_ranking_options(k1, k2, lambda_value)
     qf, q_pids, q_camids, _ = extract_features(model, query_loader, device, flip=flip, amp_dtype=amp_dtype)
     gf, g_pids, g_camids, _ = extract_features(model, gallery_loader, device, flip=flip, amp_dtype=amp_dtype)
 
@@ -285,8 +286,7 @@ def evaluate_dataset(
 
     out = metrics(distance_matrix(qf, gf))
     if rerank:
-        # On the CPU: topk_similarity has no CUDA kernel yet.
-        out["rerank"] = metrics(re_ranking(qf.cpu(), gf.cpu(), k1, k2, lambda_value))
+        out["rerank"] = metrics(re_ranking(qf, gf, k1, k2, lambda_value))
     return out
 
 
@@ -305,10 +305,11 @@ def evaluate_dataset(
 #   final[i, j] = (1 - lambda) * (1 - m / (2 - m)) + lambda * original[i, j], m = sum_f min(V[i, f], V[j, f]),
 #       for queries i and gallery samples j.
 # Each row needs only its max(k1 + 1, k2) nearest samples, its largest distance and a sparse V:
-# here V is a list of (row, column, value) entries sorted by row, never an N x N matrix.
+# here V is a list of (row, column, value) entries sorted by (row, column), never an N x N matrix,
+# and the query expansion and the Jaccard sums are one compiled op over its entries
+# (torch.ops.reid_ext._jaccard_distance, csrc/cpu/jaccard_distance_cpu.cpp).
 
-# Elements per temporary block (gathered features, pairs of the Jaccard sum, rows of the final sum):
-# small enough to stay in cache and to be reused by the allocator instead of being mapped afresh.
+# Elements per temporary block (the gathered features of pair_distance): small enough to stay in cache and to be reused by the allocator instead of being mapped afresh.
 _BLOCK_ELEMENTS = 1 << 18
 # Elements of the buffer that holds row blocks of the distance matrix while they are ranked, and of
 # each bitmap of _members.
@@ -327,7 +328,8 @@ def _check_features(qf, gf) -> None:
         raise TypeError(f"gf is {gf.dtype} on {gf.device} but qf is {qf.dtype} on {qf.device}")
 
 
-def _check_re_ranking_options(k1, k2, lambda_value) -> None:
+def check_re_ranking_options(k1, k2, lambda_value) -> None:
+    """Raises ValueError, naming the option, unless k1 and k2 are ints >= 1 and lambda_value is in [0, 1]."""
     for name, value in (("k1", k1), ("k2", k2)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -392,63 +394,6 @@ def _expanded_sets(ranks: torch.Tensor, k1: int) -> Tuple[torch.Tensor, torch.Te
     return keys // n, keys % n
 
 
-def _query_expansion(rows, cols, vals, ranks: torch.Tensor, k2: int):
-    """V[i] <- mean of V[rank[i, r]] over r < k2 (all rows when k2 > N), as (rows, cols, vals) sorted by row."""
-    n = ranks.size(0)
-    kq = min(k2, n)
-    counts = torch.bincount(rows, minlength=n)
-    starts = counts.cumsum(0) - counts
-    sources = ranks[:, :kq].reshape(-1)
-    lengths = counts.index_select(0, sources)
-    ends = lengths.cumsum(0)
-    entry = torch.repeat_interleave(lengths, output_size=int(ends[-1]))  # the (i, r) of each gathered entry
-    shift = starts.index_select(0, sources) - ends + lengths  # gathered entry t of (i, r) comes from t + shift
-    pos = torch.arange(entry.numel(), device=rows.device) + shift.take(entry)
-    keys, inverse = torch.unique((entry // kq) * n + cols.take(pos), return_inverse=True)
-    summed = torch.zeros(keys.numel(), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals.take(pos))
-    return keys // n, keys % n, summed / kq
-
-
-def _jaccard_overlap(rows, cols, vals, num_query: int, n: int) -> torch.Tensor:
-    """m[i, j] = sum_f min(V[i, f], V[Q + j, f]) for queries i and gallery samples j: Tensor[Q, G].
-
-    Each query entry (i, f) meets the gallery entries of column f (an inverted index). Entries
-    are taken by increasing number of partners, in blocks of at most _BLOCK_ELEMENTS pairs
-    padded to the block's longest: little padding, and it needs no mask, as each column's
-    partners end with a sentinel of value 0, whose min with an entry of V (>= 0) adds nothing.
-    """
-    num_gallery = n - num_query
-    split = int(torch.searchsorted(rows, num_query))  # sorted by row: the queries' entries come first
-    q_rows, q_cols, q_vals = rows[:split], cols[:split], vals[:split]
-    g_cols = cols[split:]
-    order = torch.argsort(g_cols, stable=True)
-    g_counts = torch.bincount(g_cols, minlength=n)
-    starts = g_counts.cumsum(0) - g_counts + torch.arange(n, device=rows.device)  # one sentinel per earlier column
-    partner_rows = torch.zeros(g_cols.numel() + n, dtype=rows.dtype, device=rows.device)
-    partner_vals = torch.zeros(g_cols.numel() + n, dtype=vals.dtype, device=vals.device)
-    slots = torch.arange(g_cols.numel(), device=rows.device) + g_cols.take(order)
-    partner_rows[slots] = (rows[split:] - num_query).take(order)
-    partner_vals[slots] = vals[split:].take(order)
-    lengths, by_length = g_counts.take(q_cols).sort()
-    overlap = torch.zeros(num_query * num_gallery, dtype=vals.dtype, device=vals.device)
-    begin = int(torch.searchsorted(lengths, 0, right=True))  # entries without partners add nothing
-    while begin < split:
-        # the longest block whose padded size (entries x its last, longest length) fits
-        limit = min(split, begin + max(1, _BLOCK_ELEMENTS // int(lengths[begin])))
-        padded = torch.arange(1, limit - begin + 1, device=rows.device) * lengths[begin:limit]
-        end = begin + max(1, int(torch.searchsorted(padded, _BLOCK_ELEMENTS, right=True)))
-        entries = by_length[begin:end]
-        offsets = torch.arange(int(lengths[end - 1]), device=rows.device)
-        pos = torch.minimum(offsets, lengths[begin:end].unsqueeze(1))  # past the end: the column's sentinel
-        pos += starts.take(q_cols.take(entries)).unsqueeze(1)
-        # gather from a broadcast row: the same as take(pos), and faster
-        share = torch.minimum(q_vals.take(entries).unsqueeze(1), partner_vals.expand(len(pos), -1).gather(1, pos))
-        target = partner_rows.expand(len(pos), -1).gather(1, pos).add_(q_rows.take(entries).unsqueeze(1) * num_gallery)
-        overlap.scatter_add_(0, target.view(-1), share.view(-1))
-        begin = end
-    return overlap.view(num_query, num_gallery)
-
-
 @contextlib.contextmanager
 def _one_thread():
     """torch's intra-op threads set to 1 inside (restored after; process-wide). For the memory-bound
@@ -468,6 +413,7 @@ def _re_rank(ranks, pair_distance: Callable, original_qg: torch.Tensor, k1, k2, 
     nearest samples ranks (Tensor[N, >= min(max(k1 + 1, k2), N)], nearest first) and
     pair_distance(rows, cols), original[rows, cols]."""
     n, num_query = ranks.size(0), original_qg.size(0)
+    cpu = torch.device("cpu")
     with _one_thread():
         bar.set_postfix_str("k-reciprocal sets")
         rows, cols = _expanded_sets(ranks, k1)
@@ -475,16 +421,13 @@ def _re_rank(ranks, pair_distance: Callable, original_qg: torch.Tensor, k1, k2, 
         totals = torch.zeros(n, dtype=weights.dtype, device=weights.device).index_add_(0, rows, weights)
         vals = weights / totals.take(rows)
         bar.update()
-        if k2 != 1:
-            bar.set_postfix_str("query expansion")
-            rows, cols, vals = _query_expansion(rows, cols, vals, ranks, k2)
+        # The query expansion and the Jaccard sums: compiled loops over the entries of V (a CPU op;
+        # V has O(N k) entries, so moving it there costs little).
+        bar.set_postfix_str("query expansion, jaccard")
+        jaccard = torch.ops.reid_ext._jaccard_distance(rows.to(cpu), cols.to(cpu), vals.to(cpu), ranks.to(cpu),
+                                                       num_query, k2)
         bar.update()
-        bar.set_postfix_str("jaccard")
-        overlap = _jaccard_overlap(rows, cols, vals, num_query, n)
-        step = max(1, _BLOCK_ELEMENTS // original_qg.size(1))
-        for a in range(0, num_query, step):
-            m = overlap[a : a + step]
-            original_qg[a : a + step].mul_(lambda_value).add_(1 - m / (2 - m), alpha=1 - lambda_value)
+        original_qg.mul_(lambda_value).add_(jaccard.to(original_qg.device), alpha=1 - lambda_value)
     bar.update()
     bar.close()
     return original_qg
@@ -523,7 +466,7 @@ def re_ranking(
         Tensor[Q, G] of re-ranked distances (smaller = closer), for evaluate_rank.
     """
     _check_features(qf, gf)
-    _check_re_ranking_options(k1, k2, lambda_value)
+    check_re_ranking_options(k1, k2, lambda_value)
     num_query, num_gallery = qf.size(0), gf.size(0)
     if num_query == 0 or num_gallery == 0:
         return qf.new_zeros(num_query, num_gallery)
@@ -621,7 +564,7 @@ def re_ranking_distances(
     for name, t in (("q_q_dist", q_q), ("g_g_dist", g_g)):
         if t.dtype != q_g.dtype or t.device != q_g.device:
             raise TypeError(f"{name} is {t.dtype} on {t.device} but q_g_dist is {q_g.dtype} on {q_g.device}")
-    _check_re_ranking_options(k1, k2, lambda_value)
+    check_re_ranking_options(k1, k2, lambda_value)
     if num_query == 0 or num_gallery == 0:
         return q_g.new_zeros(num_query, num_gallery)
     n = num_query + num_gallery

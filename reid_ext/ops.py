@@ -581,6 +581,11 @@ def _topk_similarity_backward(ops, ctx, *grads):
 _AUTOGRAD["topk_similarity"] = (_topk_similarity_backward, _topk_similarity_setup)
 
 
+@_fake("_jaccard_distance")
+def _jaccard_distance_fake(rows, cols, vals, ranks, num_query, k2):
+    return vals.new_empty(num_query, ranks.size(0) - num_query)
+
+
 # ---------------------------------------------------------------- registration
 
 

@@ -380,6 +380,18 @@ def test_re_ranking_from_features_is_re_ranking_of_cosine_distances(q, g, k1, k2
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("q,g,k1,k2", [(15, 45, 20, 6), (60, 300, 20, 6), (30, 90, 40, 3)])
+def test_re_ranking_from_features_on_every_device(device, q, g, k1, k2, gen):
+    # On the CUDA devices topk_similarity's kernels give the nearest samples (k = 21: the fused
+    # kernel; k = 41: the chunked path), and the sparse stages run on the CPU.
+    x = on(device, clustered_features(q + g, 16, torch.float64, gen))
+    qf, gf = x[:q], x[q:]
+    got = re_ranking(qf, gf, k1, k2)
+    want = re_ranking_distances(*cosine_distances(qf, gf), k1, k2)
+    assert got.device == x.device and got.dtype == device.dtype
+    torch.testing.assert_close(got, want, **({} if device.dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}))
+
+
 def test_re_ranking_features_float32_matches_dense_float32(gen):
     x = clustered_features(240, 32, torch.float32, gen)
     qf, gf = x[:40], x[40:]
@@ -431,6 +443,47 @@ def test_re_ranking_nan_feature_makes_every_distance_nan(gen):
     assert re_ranking_distances(*distances).isnan().all()
     with np.errstate(invalid="ignore"):
         assert np.isnan(dense_re_ranking(*(t.numpy() for t in distances), dtype=np.float64)).all()
+
+
+def jaccard_case():
+    """V of N = 3 samples (1 query, 2 gallery) as sorted entries, and each row's nearest samples."""
+    rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 2, 1, 2])
+    vals = torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64)
+    return rows, cols, vals, torch.tensor([[0, 2], [1, 0], [2, 0]])
+
+
+def test_jaccard_distance_op_by_hand():
+    op = torch.ops.reid_ext._jaccard_distance
+    rows, cols, vals, ranks = jaccard_case()
+    # m = [min(.5, 0), min(.5, 1)] over the query's columns 0 and 2: 1 - m / (2 - m) = [1, 2/3]
+    torch.testing.assert_close(op(rows, cols, vals, ranks, 1, 1), torch.tensor([[1.0, 2 / 3]], dtype=torch.float64))
+    # k2 = 2: V'[0] = V'[2] = {0: .25, 2: .75}, V'[1] = {0: .25, 1: .5, 2: .25}: m = [.5, 1]
+    torch.testing.assert_close(op(rows, cols, vals, ranks, 1, 2), torch.tensor([[2 / 3, 0.0]], dtype=torch.float64))
+    assert op(rows, cols, vals.float(), ranks, 1, 2).dtype == torch.float32
+    for args in ((rows, cols, vals, ranks, 1, 2), (rows, cols, vals, ranks, 0, 1),
+                 (rows[:0], cols[:0], vals[:0], ranks, 2, 2)):
+        torch.library.opcheck(op, args)
+
+
+def test_jaccard_distance_op_bad_input_names_the_argument():
+    op = torch.ops.reid_ext._jaccard_distance
+    rows, cols, vals, ranks = jaccard_case()
+    for args, message in (
+        ((rows, torch.tensor([0, 3, 1, 2]), vals, ranks, 1, 1), r"rows and cols must be in \[0, N\) with N = 3"),
+        ((torch.tensor([0, 1, 0, 2]), cols, vals, ranks, 1, 1), r"sorted by \(row, column\) without repeats"),
+        ((rows, torch.tensor([0, 0, 1, 2]), vals, ranks, 1, 1), r"sorted by \(row, column\) without repeats"),
+        ((rows, cols, vals, torch.tensor([[0, 2], [1, 5], [2, 0]]), 1, 2), r"ranks must be in \[0, N\)"),
+        ((rows, cols, vals, ranks[:, :1], 1, 2), r"ranks must have at least min\(k2, N\) = 2 columns"),
+        ((rows, cols, vals, ranks, 4, 1), r"num_query must be in \[0, N\] with N = 3"),
+        ((rows, cols, vals, ranks, 1, 0), "k2 must be >= 1"),
+        ((rows[:3], cols, vals, ranks, 1, 1), r"rows must be a 1-D Tensor\[E\] like vals"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            op(*args)
+    with pytest.raises(TypeError, match="rows must be int64"):
+        op(rows.int(), cols, vals, ranks, 1, 1)
+    with pytest.raises(TypeError, match="vals must be float32 or float64 on CPU"):
+        op(rows, cols, vals.half(), ranks, 1, 1)
 
 
 def test_re_ranking_bad_input_names_the_argument(gen):

@@ -84,7 +84,9 @@ void topk_by_chunks(const at::Tensor& x, const at::Tensor& y, int64_t k, bool la
       const int64_t c = std::min(cols, m - c0);
       at::Tensor sim = at::mm(xr, yf.narrow(0, c0, c).t()).mul_(inv_r).mul_(inv_y.narrow(0, c0, c).unsqueeze(0));
       const at::Tensor chunk_far = largest ? sim.amin(1) : sim.amax(1);  // NaN propagates
-      row_far = !row_far.defined() ? chunk_far : largest ? at::minimum(row_far, chunk_far) : at::maximum(row_far, chunk_far);
+      row_far = !row_far.defined() ? chunk_far
+                : largest            ? at::minimum(row_far, chunk_far)
+                                     : at::maximum(row_far, chunk_far);
       at::Tensor candidates = at::arange(c0, c0 + c, indices.options()).expand({r, c});
       if (best_values.defined()) {  // earlier columns first: they win ties
         sim = at::cat({best_values, sim}, 1);
