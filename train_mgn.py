@@ -11,7 +11,9 @@ The output directory gets checkpoint.pt (written atomically after every epoch;
 ``--resume`` continues from it exactly), metrics.jsonl (one JSON object per
 evaluation and epoch), curves.png, and results.json = {"initial": {"rank1",
 "mAP", "mINP"}, "final": {...}, "train_seconds": ...} with the evaluation
-before the first step and after the last one, as fractions in [0, 1].
+before the first step and after the last one, as fractions in [0, 1]. With
+``--rerank`` every evaluation also reports the same metrics after k-reciprocal
+re-ranking of the same features, as "rerank": {"rank1", "mAP", "mINP"}.
 """
 import argparse
 import json
@@ -41,7 +43,7 @@ from reid_ext.data import (
     load_sysu_mm01,
     make_synthetic,
 )
-from reid_ext.evaluation import evaluate_dataset
+from reid_ext.evaluation import check_re_ranking_options, evaluate_dataset
 from reid_ext.models import MODELS, PRESETS, build_model, build_recipe, load_backbone_weights
 
 DATASETS = ("synthetic", "synthetic-vi", "market1501", "sysu-mm01", "regdb")
@@ -65,7 +67,7 @@ CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "history", "initial", "
 # files are, how it runs. Every other one shapes the model, the data or the optimisation.
 RESUME_MAY_CHANGE = frozenset((
     "epochs", "eval_every", "eval_batch_size", "output_dir", "resume", "eval_only", "threads", "workers", "device",
-    "data_root", "backbone_weights",
+    "data_root", "backbone_weights", "rerank", "rerank_k1", "rerank_k2", "rerank_lambda",
 ))
 # --eval-only only needs the same network.
 EVAL_MUST_MATCH = ("model", "mgn_triplet_on", "preset", "input_size")
@@ -142,6 +144,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           "OpenMP slows down badly when its threads compete with other processes for cores)")
     run.add_argument("--eval-every", type=int, help="evaluate every N epochs (and always after the last)")
     run.add_argument("--eval-batch-size", type=int, default=256, help="default: 256")
+    run.add_argument("--rerank", action="store_true",
+                     help="also evaluate with k-reciprocal re-ranking (Zhong et al. 2017) of the same features")
+    run.add_argument("--rerank-k1", type=int, help="re-ranking's k1 (default: 20; needs --rerank)")
+    run.add_argument("--rerank-k2", type=int, help="re-ranking's k2 (default: 6; needs --rerank)")
+    run.add_argument("--rerank-lambda", type=float, help="re-ranking's lambda (default: 0.3; needs --rerank)")
     run.add_argument("--output-dir", help="default: runs/mgn-<dataset>")
     run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                      help="continue from CHECKPOINT (default: <output-dir>/checkpoint.pt)")
@@ -177,6 +184,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--eval-every must be >= 1, got {args.eval_every}")
     if args.eval_only and args.resume is None:
         p.error("--eval-only needs --resume [CHECKPOINT]")
+    for key, default in (("rerank_k1", 20), ("rerank_k2", 6), ("rerank_lambda", 0.3)):
+        if getattr(args, key) is not None and not args.rerank:
+            p.error(f"{_flag(key)} is an option of --rerank")
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.rerank:
+        try:
+            check_re_ranking_options(args.rerank_k1, args.rerank_k2, args.rerank_lambda)
+        except ValueError as err:
+            p.error(f"--rerank: {err}")
     return args
 
 
@@ -423,6 +440,8 @@ def plot_curves(path: str, history: List[Dict[str, object]]) -> None:
     losses = sorted({k for r in history if "loss" in r for k in r if k.startswith("loss")})
     loss_series = {k: [(r["epoch"], r[k]) for r in history if k in r] for k in losses}
     metric_series = {k: [(r["epoch"], r[k]) for r in history if k in r] for k in METRIC_KEYS}
+    if any("rerank" in r for r in history):
+        metric_series["re-ranked mAP"] = [(r["epoch"], r["rerank"]["mAP"]) for r in history if "rerank" in r]
     image = Image.new("RGB", (1000, 400), "white")
     draw = ImageDraw.Draw(image)
     _panel(draw, (0, 0, 500, 400), "training loss", loss_series, legend_top=True)
@@ -433,9 +452,30 @@ def plot_curves(path: str, history: List[Dict[str, object]]) -> None:
 # --------------------------------------------------------------------------- main loop
 
 
-def evaluate(args, model, query_loader, gallery_loader, protocol, device, amp_dtype) -> Dict[str, float]:
-    result = evaluate_dataset(model, query_loader, gallery_loader, protocol, device, amp_dtype=amp_dtype)
-    return {k: result[k] for k in METRIC_KEYS}
+def evaluate(args, model, query_loader, gallery_loader, protocol, device, amp_dtype) -> Dict[str, object]:
+    """The METRIC_KEYS of an evaluation and, with --rerank, "rerank": the same after re-ranking."""
+    result = evaluate_dataset(model, query_loader, gallery_loader, protocol, device, amp_dtype=amp_dtype,
+                              rerank=args.rerank, k1=args.rerank_k1, k2=args.rerank_k2,
+                              lambda_value=args.rerank_lambda)
+    metrics = metrics_of(result)
+    if args.rerank:
+        metrics["rerank"] = metrics_of(result["rerank"])
+    return metrics
+
+
+def metrics_of(record: Dict[str, object]) -> Dict[str, object]:
+    """The METRIC_KEYS of an evaluation or history record, and its "rerank" ones where it has them."""
+    metrics = {k: record[k] for k in METRIC_KEYS}
+    if "rerank" in record:
+        metrics["rerank"] = {k: record["rerank"][k] for k in METRIC_KEYS}
+    return metrics
+
+
+def describe(metrics: Dict[str, object]) -> str:
+    text = "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_KEYS if k in metrics)
+    if "rerank" in metrics:
+        text += "  re-ranked: " + "  ".join(f"{k} {metrics['rerank'][k]:.4f}" for k in METRIC_KEYS)
+    return text
 
 
 def evaluate_only(args, model, query_loader, gallery_loader, data, device, amp_dtype, is_main, world_size):
@@ -518,7 +558,7 @@ def train(args) -> Optional[Dict[str, object]]:
     elif is_main:
         initial = evaluate(args, core, query_loader, gallery_loader, data.protocol, device, amp_dtype)
         history.append({"epoch": 0, **initial})
-        log("initial: " + "  ".join(f"{k} {initial[k]:.4f}" for k in METRIC_KEYS))
+        log("initial: " + describe(initial))
     if is_main:
         write_jsonl(log_path, history)
     if world_size > 1:
@@ -562,9 +602,7 @@ def train(args) -> Optional[Dict[str, object]]:
         last = epoch + 1 == args.epochs
         if is_main and (last or (epoch + 1) % args.eval_every == 0):
             record.update(evaluate(args, core, query_loader, gallery_loader, data.protocol, device, amp_dtype))
-        log(f"epoch {epoch + 1}: " + "  ".join(
-            f"{k} {record[k]:.4f}" for k in ("loss", *METRIC_KEYS) if k in record
-        ))
+        log(f"epoch {epoch + 1}: loss {record['loss']:.4f}  " + describe(record))
         history.append(record)
         rng = [rng_state()]
         if world_size > 1:
@@ -584,8 +622,8 @@ def train(args) -> Optional[Dict[str, object]]:
     results = None
     if is_main:
         results = {
-            "initial": {k: initial[k] for k in METRIC_KEYS},
-            "final": {k: history[-1][k] for k in METRIC_KEYS},  # the last epoch is always evaluated
+            "initial": metrics_of(initial),
+            "final": metrics_of(history[-1]),  # the last epoch is always evaluated
             "train_seconds": train_seconds,
         }
         write_json(os.path.join(args.output_dir, "results.json"), results)

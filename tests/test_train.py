@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,32 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
     evaluation = train_mgn.main(TINY + ["--epochs", "4", "--output-dir", str(out), "--resume", "--eval-only"])
     assert {k: evaluation[k] for k in ("rank1", "mAP", "mINP")} == saved["final"]
     assert json.loads((out / "evaluation.json").read_text()) == evaluation
+
+
+def test_rerank_writes_metrics_with_and_without_re_ranking(tmp_path):
+    out = tmp_path / "run"
+    results = train_mgn.main(TINY + ["--epochs", "1", "--rerank", "--rerank-k1", "8", "--output-dir", str(out)])
+    keys = {"rank1", "mAP", "mINP"}
+    history = _history(out / "metrics.jsonl")
+    assert [set(r["rerank"]) for r in history] == [keys, keys]  # the initial and the epoch-1 evaluation
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    for key, record in (("initial", history[0]), ("final", history[-1])):
+        assert set(results[key]) == keys | {"rerank"}
+        assert results[key] == {**{k: record[k] for k in keys}, "rerank": record["rerank"]}
+        assert all(0.0 <= v <= 1.0 for v in results[key]["rerank"].values())
+    # re-ranked, not the plain distances again
+    assert any(results[key]["rerank"]["mAP"] != results[key]["mAP"] for key in ("initial", "final"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rerank", "--rerank-k1", "0"], "--rerank: k1 must be an int >= 1, got 0"),
+    (["--rerank", "--rerank-lambda", "1.5"], r"--rerank: lambda_value must be in \[0, 1\], got 1.5"),
+    (["--rerank-k2", "3"], "--rerank-k2 is an option of --rerank"),
+])
+def test_rerank_options_are_checked_at_start(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train_mgn.parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_ubat_recipe_on_visible_infrared_data(tmp_path):
