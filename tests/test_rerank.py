@@ -146,6 +146,21 @@ def test_topk_ties_go_to_the_lowest_index(device, n, m, k, largest, gen):
     check_topk(x, y, k, largest)
 
 
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_ties_across_chunks_of_the_chunked_path(device, largest, gen):
+    # On the CUDA devices k = 40 takes the chunked path: at 9000 columns its products come in two
+    # chunks of columns (8192 and 808) and three of rows, the running best k merged with each.
+    # Integer features as above; the reference is the dense float64 matrix of the CPU op.
+    x = torch.randint(-1, 2, (300, 4), generator=gen).double()
+    y = torch.randint(-1, 2, (9000, 4), generator=gen).double()
+    got = reid_ext.topk_similarity(on(device, x), on(device, y), k=40, largest=largest)
+    sim = torch.ops.reid_ext.cosine_similarity(x, y, 1e-12)
+    order = torch.sort(sim, dim=1, descending=largest, stable=True)
+    assert torch.equal(got.indices.cpu(), order.indices[:, :40])
+    torch.testing.assert_close(got.values.cpu().double(), order.values[:, :40])
+    torch.testing.assert_close(got.far.cpu().double(), sim.amin(1) if largest else sim.amax(1))
+
+
 # (n, m, k, {multiprocessors: whether the columns are split}); integer features as above.
 SPLIT_CASES = [
     (130, 1100, 21, {1: False, 2: True, 8: True}),  # ties across tiles and across splits
