@@ -31,12 +31,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor neg_idx = at::empty({n}, long_options);
   at::Tensor dist_ap = at::empty({n}, float_options);
   at::Tensor dist_an = at::empty({n}, float_options);
+  at::Tensor inv = at::empty({n}, float_options);
   const int splits = column_splits(n, n, x.get_device(), kMaxSplits);
   at::Tensor partial_dist = splits > 1 ? at::empty({splits, 2, n}, float_options) : at::Tensor();
   at::Tensor partial_idx = splits > 1 ? at::empty({splits, 2, n}, long_options) : at::Tensor();
   BatchHardForwardParams p{};
   p.x = x.data_ptr();
   p.labels = labels.data_ptr<int64_t>();
+  p.inv = inv.data_ptr<float>();
   p.n = n;
   p.d = x.size(1);
   p.metric = static_cast<int>(metric);

@@ -21,8 +21,12 @@ at::Tensor cosine_similarity_cuda(const at::Tensor& x_in, const c10::optional<at
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.has_value() ? y_in->contiguous() : x;
   at::Tensor out = at::empty({x.size(0), y.size(0)}, x.options());
-  const CosineForwardParams params{x.data_ptr(), y.data_ptr(), out.data_ptr(), x.size(0), y.size(0), x.size(1),
-                                   static_cast<float>(eps), scalar_kind(x, "x")};
+  const bool self = !y_in.has_value();
+  at::Tensor inv = at::empty({x.size(0) + (self ? 0 : y.size(0))}, x.options().dtype(at::kFloat));
+  float* inv_x = inv.data_ptr<float>();
+  const CosineForwardParams params{x.data_ptr(), y.data_ptr(),     out.data_ptr(), inv_x,
+                                   self ? inv_x : inv_x + x.size(0), x.size(0),       y.size(0), x.size(1),
+                                   static_cast<float>(eps),          scalar_kind(x, "x")};
   check_launch(launch_cosine_forward(params, current_stream()));
   return out;
 }

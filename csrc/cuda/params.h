@@ -12,18 +12,31 @@ namespace cuda {
 
 enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// ---- rows (csrc/cuda/rows_kernel.cu)
+
+// inv[r] = 1 / max(|v_r|, eps) and, unless radial is null, radial[r] = inv[r] where |v_r| > eps, else 0
+// (RowNorm in device.cuh), computed without overflow; NaN for a row with a NaN. v: [rows, d].
+cudaError_t launch_row_norms(ScalarKind kind, const void* v, int64_t rows, int64_t d, float eps, float* inv,
+                             float* radial, cudaStream_t stream);
+// The same, and out[r] = v_r * inv[r] in float32 (the normalized rows, for cuBLAS products).
+cudaError_t launch_normalized_rows(ScalarKind kind, const void* v, int64_t rows, int64_t d, float eps, float* inv,
+                                   float* radial, float* out, cudaStream_t stream);
+
 // ---- cosine_similarity
 
 struct CosineForwardParams {
   const void* x;  // [n, d]
   const void* y;  // [m, d]
   void* out;      // [n, m], same dtype as x
+  // float32 scratch: the rows' inverse norms (inv_y may be inv_x when y is x).
+  float* inv_x;  // [n]
+  float* inv_y;  // [m]
   int64_t n, m, d;
   float eps;
   ScalarKind kind;
 };
 
-// grad_a[i] = inv_a[i] * (p_i - an_i (an_i . p_i)) with p_i = sum_j c_ij bn_j, an = a / max(|a|, eps),
+// grad_a[i] = inv_a[i] * p_i - radial_a[i] * an_i (an_i . p_i) with p_i = sum_j c_ij bn_j, an = a * inv_a,
 // bn likewise, and c_ij = grad[i, j] (+ grad[j, i] when add_transpose, for y = x), read through strides.
 struct CosineBackwardParams {
   const float* grad;  // float32 view of dL/dS
@@ -32,7 +45,7 @@ struct CosineBackwardParams {
   const void* a;  // [rows, d], the side that receives the gradient
   const void* b;  // [cols, d]
   void* grad_a;   // [rows, d], dtype of a
-  // float32 scratch: 1 / max(|a_i|, eps), its radial factor, 1 / max(|b_j|, eps), and p.
+  // float32 scratch: the RowNorms of a (inv, radial) and b (inv), and p.
   float* inv_a;     // [rows]
   float* radial_a;  // [rows]
   float* inv_b;     // [cols]
@@ -54,6 +67,12 @@ struct UnifiedProblem {
   const int64_t* modalities;      // [n] or null (mode "all")
   const int64_t* ref_labels;      // [m]
   const int64_t* ref_modalities;  // [m] or null
+  // The RowNorms of x and ref (the same arrays when self_ref), computed by the launchers into
+  // these float32 buffers.
+  float* inv_x;       // [n]
+  float* radial_x;    // [n]
+  float* inv_ref;     // [m]
+  float* radial_ref;  // [m]
   int64_t n, m, d;
   float gamma, margin;
   int mode;
@@ -98,6 +117,9 @@ constexpr int kTile = 64;
 struct BatchHardForwardParams {
   const void* x;          // [n, d]
   const int64_t* labels;  // [n]
+  // float32 scratch [n], filled by the launcher: the rows' inverse norms. The cosine metric reads
+  // the normalized rows; every metric gives an anchor whose row has a NaN a NaN loss.
+  float* inv;
   int64_t n, d;
   int metric;
   float margin;
@@ -133,7 +155,7 @@ struct BatchHardBackwardParams {
   float margin;
   bool soft_margin;
   ScalarKind kind;
-  // float32 scratch [n]: 1 / max(|x_i|, eps), its radial factor, and dL/d(d_ap) of each anchor.
+  // float32 scratch [n]: the RowNorm of each row (inv, radial), and dL/d(d_ap) of each anchor.
   float* inv;
   float* radial;
   float* weight;
@@ -168,30 +190,30 @@ cudaError_t launch_centers_backward(const CentersParams& p, const float* grad_ce
 // ---- cosine_softmax_loss
 
 struct CosineSoftmaxParams {
-  const void* x;       // [n, d]
-  const void* weight;  // [c, d]
-  const float* dots;   // [n, c] = x @ weight^T in float32 (from cuBLAS)
+  // The normalized rows in float32 (launch_normalized_rows) and their RowNorms.
+  const float* xn;  // [n, d]
+  const float* wn;  // [c, d]
+  const float* inv_x;     // [n]
+  const float* radial_x;  // [n]
+  const float* inv_w;     // [c]
+  const float* radial_w;  // [c]
+  const float* cos;       // [n, c] = xn @ wn^T (from cuBLAS)
   const int64_t* labels;  // [n]
   int64_t n, c, d;
   float scale, margin, smoothing;
-  ScalarKind kind;
-  // float32 scratch: inverse norms and radial factors of the rows of x and of weight.
-  float* inv_x;     // [n]
-  float* radial_x;  // [n]
-  float* inv_w;     // [c]
-  float* radial_w;  // [c]
+  ScalarKind kind;  // of x and weight, and of the gradients the finish kernel writes
 };
 
 // loss [n] (dtype of x) and the log-sum-exp of each row's logits, lse [n] (float32).
 cudaError_t launch_cosine_softmax_forward(const CosineSoftmaxParams& p, void* loss, float* lse, cudaStream_t stream);
 
-// coef[i, j] = G_ij * inv_x[i] * inv_w[j] with G = dL/dcos, row_sum[i] = sum_j G_ij cos_ij and,
-// unless col_sum is null, col_sum[j] = sum_i G_ij cos_ij.
+// coef[i, j] = G_ij = dL/dcos_ij, row_sum[i] = sum_j G_ij cos_ij and, unless col_sum is null,
+// col_sum[j] = sum_i G_ij cos_ij.
 cudaError_t launch_cosine_softmax_coefficients(const CosineSoftmaxParams& p, const float* grad_loss, const float* lse,
                                                float* coef, float* row_sum, float* col_sum, cudaStream_t stream);
 
-// out[r] = acc[r] - radial[r] * sums[r] * rows[r] for rows = x (rows_are_anchors) or weight:
-// the normalization Jacobian applied after acc = coef @ weight (or coef^T @ x) went through cuBLAS.
+// out[r] = inv[r] * acc[r] - radial[r] * sums[r] * rown[r] for the rows of x (rows_are_anchors) or
+// weight: the normalization Jacobian, after acc = coef @ wn (or coef^T @ xn) went through cuBLAS.
 cudaError_t launch_cosine_softmax_finish(const CosineSoftmaxParams& p, bool rows_are_anchors, const float* acc,
                                          const float* sums, void* out, cudaStream_t stream);
 

@@ -19,14 +19,33 @@ constexpr int kMaxBackwardSplits = 8;
 
 const int64_t* index_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<int64_t>() : nullptr; }
 
-UnifiedProblem problem_of(const UnifiedInputs& in, double gamma, double margin, PairMode mode) {
-  return UnifiedProblem{in.x.data_ptr(),       in.ref.data_ptr(),
-                        index_ptr(in.labels),  index_ptr(in.modalities),
-                        index_ptr(in.ref_labels), index_ptr(in.ref_modalities),
-                        in.x.size(0),          in.ref.size(0),
-                        in.x.size(1),          static_cast<float>(gamma),
-                        static_cast<float>(margin), static_cast<int>(mode),
-                        in.self_ref,           scalar_kind(in.x, "x")};
+// The problem as the kernels read it; `norms` receives the buffer of the rows' RowNorms, which the
+// launchers fill, and must outlive the launches.
+UnifiedProblem problem_of(const UnifiedInputs& in, double gamma, double margin, PairMode mode, at::Tensor& norms) {
+  const int64_t n = in.x.size(0), m = in.ref.size(0);
+  norms = at::empty({2 * (n + (in.self_ref ? 0 : m))}, in.x.options().dtype(at::kFloat));
+  float* inv_x = norms.data_ptr<float>();
+  float* inv_ref = in.self_ref ? inv_x : inv_x + 2 * n;
+  UnifiedProblem pb{};
+  pb.x = in.x.data_ptr();
+  pb.ref = in.ref.data_ptr();
+  pb.labels = index_ptr(in.labels);
+  pb.modalities = index_ptr(in.modalities);
+  pb.ref_labels = index_ptr(in.ref_labels);
+  pb.ref_modalities = index_ptr(in.ref_modalities);
+  pb.inv_x = inv_x;
+  pb.radial_x = inv_x + n;
+  pb.inv_ref = inv_ref;
+  pb.radial_ref = in.self_ref ? inv_x + n : inv_ref + m;
+  pb.n = n;
+  pb.m = m;
+  pb.d = in.x.size(1);
+  pb.gamma = static_cast<float>(gamma);
+  pb.margin = static_cast<float>(margin);
+  pb.mode = static_cast<int>(mode);
+  pb.self_ref = in.self_ref;
+  pb.kind = scalar_kind(in.x, "x");
+  return pb;
 }
 
 at::Tensor backward_side(const UnifiedInputs& in, const UnifiedProblem& problem, const at::Tensor& grad_loss,
@@ -77,7 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   scalar_kind(x, "x");
   const DeviceGuard guard(x.device());
   const UnifiedInputs in = unified_inputs(x, labels, modalities, ref, ref_labels, ref_modalities, args.mode);
-  const UnifiedProblem problem = problem_of(in, gamma, margin, args.mode);
+  at::Tensor norms;
+  const UnifiedProblem problem = problem_of(in, gamma, margin, args.mode, norms);
   const auto [per_anchor, valid, lse_neg, lse_pos] = forward(in, problem);
   const bool want_ref = !in.self_ref && grad_ref;
   at::Tensor grad_x_out = no_gradient(in.x), grad_ref_out = no_gradient(in.x);
@@ -108,7 +128,8 @@ std::tuple<at::Tensor, at::Tensor> unified_triplet_loss_backward_cuda(
   const at::Tensor grad_c = anchor_grads(grad_loss, in.x, valid_c, args.reduction).to(at::kFloat).contiguous();
   const at::Tensor neg_c = lse_neg.to(at::kFloat).contiguous();
   const at::Tensor pos_c = lse_pos.to(at::kFloat).contiguous();
-  const UnifiedProblem problem = problem_of(in, gamma, margin, args.mode);
+  at::Tensor norms;
+  const UnifiedProblem problem = problem_of(in, gamma, margin, args.mode, norms);
   at::Tensor grad_x = backward_side(in, problem, grad_c, valid_c, neg_c, pos_c, true);
   at::Tensor grad_ref_out = (!in.self_ref && grad_ref) ? backward_side(in, problem, grad_c, valid_c, neg_c, pos_c, false)
                                                        : no_gradient(in.x);
