@@ -183,6 +183,54 @@ __global__ void __launch_bounds__(kBackwardThreads) batch_hard_backward_kernel(c
   }
 }
 
+// One chunk of a large batch (the glue runs the products through cuBLAS): one block per anchor
+// finds the hardest pairs of its row of the chunk and offers them to the anchor's running hardest
+// pairs (p.partial_dist / partial_idx, [2, n]: positives then negatives), chunk after chunk. The
+// total order of Hardest makes the result the sequential one: ties to the lowest index.
+__global__ void __launch_bounds__(kRowThreads)
+    batch_hard_chunk_kernel(const BatchHardForwardParams p, const BatchHardChunk chunk, const float* __restrict__ sq) {
+  __shared__ float dist_scratch[2][kWarpsPerRowBlock];
+  __shared__ int64_t index_scratch[2][kWarpsPerRowBlock];
+  const int64_t i = blockIdx.x, n = p.n;
+  const int64_t label = p.labels[i];
+  const bool cosine = p.metric == kMetricCosine;
+  const float* row = chunk.dots + i * chunk.cols;
+  Hardest<float> pos, neg;
+  for (int64_t c = threadIdx.x; c < chunk.cols; c += kRowThreads) {
+    const int64_t j = chunk.j0 + c;
+    if (j == i) continue;
+    const float dist = pair_distance<float>(p.metric, row[c], cosine ? 1.f : sq[i], cosine ? 1.f : sq[j], 1.f, 1.f);
+    if (p.labels[j] == label) {
+      pos.offer_in_order(dist, j, true);
+    } else {
+      neg.offer_in_order(dist, j, false);
+    }
+  }
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
+    for (int side = 0; side < 2; ++side) {
+      Hardest<float>& h = side == 0 ? pos : neg;
+      const float other_dist = __shfl_xor_sync(0xffffffffu, h.dist, offset);
+      const long long other_index = __shfl_xor_sync(0xffffffffu, static_cast<long long>(h.index), offset);
+      h.offer(other_dist, static_cast<int64_t>(other_index), side == 0);
+    }
+  }
+  const int warp = threadIdx.x / kWarp;
+  if (threadIdx.x % kWarp == 0) {
+    dist_scratch[0][warp] = pos.dist, index_scratch[0][warp] = pos.index;
+    dist_scratch[1][warp] = neg.dist, index_scratch[1][warp] = neg.index;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int side = 0; side < 2; ++side) {
+    Hardest<float> best;
+    if (!chunk.first) best.offer(p.partial_dist[side * n + i], p.partial_idx[side * n + i], side == 0);
+    for (int w = 0; w < kWarpsPerRowBlock; ++w) best.offer(dist_scratch[side][w], index_scratch[side][w], side == 0);
+    p.partial_dist[side * n + i] = best.dist;
+    p.partial_idx[side * n + i] = best.index;
+  }
+}
+
 template <typename T>
 cudaError_t forward_typed(const BatchHardForwardParams& p, cudaStream_t stream) {
   launch_row_norms<T>(p.x, p.n, p.d, norm_eps<float>(), p.inv, nullptr, stream);
@@ -204,6 +252,21 @@ cudaError_t backward_typed(const BatchHardBackwardParams& p, cudaStream_t stream
 cudaError_t launch_batch_hard_forward(const BatchHardForwardParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
   return with_scalar_type(p.kind, [&](auto tag) { return forward_typed<decltype(tag)>(p, stream); });
+}
+
+cudaError_t launch_batch_hard_chunk(const BatchHardForwardParams& p, const BatchHardChunk& chunk, const float* sq,
+                                    cudaStream_t stream) {
+  if (p.n == 0 || chunk.cols == 0) return cudaSuccess;
+  REID_EXT_LAUNCH(batch_hard_chunk_kernel, static_cast<unsigned>(p.n), kRowThreads, 0, stream, p, chunk, sq);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_batch_hard_chunk_finish(const BatchHardForwardParams& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  return with_scalar_type(p.kind, [&](auto tag) {
+    REID_EXT_LAUNCH(batch_hard_merge_kernel<decltype(tag)>, blocks_for(p.n, 256), 256, 0, stream, p);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t launch_batch_hard_backward(const BatchHardBackwardParams& p, cudaStream_t stream) {

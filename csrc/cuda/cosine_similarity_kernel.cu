@@ -108,9 +108,11 @@ cudaError_t forward_typed(const CosineForwardParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t backward_typed(const CosineBackwardParams& p, cudaStream_t stream) {
   launch_row_norms<T>(p.a, p.rows, p.d, p.eps, p.inv_a, p.radial_a, stream);
-  launch_row_norms<T>(p.b, p.cols, p.d, p.eps, p.inv_b, nullptr, stream);
-  const dim3 grid(blocks_for(p.d, kTile), blocks_for(p.rows, kTile));
-  REID_EXT_LAUNCH(cosine_backward_product_kernel<T>, grid, kThreads, 0, stream, p);
+  if (!p.product_given) {
+    launch_row_norms<T>(p.b, p.cols, p.d, p.eps, p.inv_b, nullptr, stream);
+    const dim3 grid(blocks_for(p.d, kTile), blocks_for(p.rows, kTile));
+    REID_EXT_LAUNCH(cosine_backward_product_kernel<T>, grid, kThreads, 0, stream, p);
+  }
   REID_EXT_LAUNCH(cosine_backward_finish_kernel<T>, blocks_for(p.rows, kWarpsPerRowBlock), kRowThreads, 0, stream, p);
   return cudaGetLastError();
 }

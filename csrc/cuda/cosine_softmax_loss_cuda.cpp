@@ -40,9 +40,9 @@ Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::
   float* radial_w = inv_w + c;
   const auto stream = current_stream();
   check_launch(launch_normalized_rows(kind, pr.x.data_ptr(), n, d, norm_eps<float>(), inv_x, radial_x,
-                                      pr.xn.data_ptr<float>(), stream));
+                                      pr.xn.data_ptr(), false, stream));
   check_launch(launch_normalized_rows(kind, pr.weight.data_ptr(), c, d, norm_eps<float>(), inv_w, radial_w,
-                                      pr.wn.data_ptr<float>(), stream));
+                                      pr.wn.data_ptr(), false, stream));
   pr.cos = at::mm(pr.xn, pr.wn.t());
   CosineSoftmaxParams& p = pr.params;
   p.xn = pr.xn.data_ptr<float>();

@@ -18,9 +18,10 @@ enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // (RowNorm in device.cuh), computed without overflow; NaN for a row with a NaN. v: [rows, d].
 cudaError_t launch_row_norms(ScalarKind kind, const void* v, int64_t rows, int64_t d, float eps, float* inv,
                              float* radial, cudaStream_t stream);
-// The same, and out[r] = v_r * inv[r] in float32 (the normalized rows, for cuBLAS products).
+// The same, and out[r] = v_r * inv[r] (the normalized rows, for cuBLAS products), in float32 or, with
+// same_dtype, in v's dtype (tensor cores for half precision).
 cudaError_t launch_normalized_rows(ScalarKind kind, const void* v, int64_t rows, int64_t d, float eps, float* inv,
-                                   float* radial, float* out, cudaStream_t stream);
+                                   float* radial, void* out, bool same_dtype, cudaStream_t stream);
 
 // ---- cosine_similarity
 
@@ -50,6 +51,7 @@ struct CosineBackwardParams {
   float* radial_a;  // [rows]
   float* inv_b;     // [cols]
   float* product;   // [rows, d]
+  bool product_given;  // p was computed already (cuBLAS, for large problems): only the Jacobian is left
   int64_t rows, cols, d;
   float eps;
   ScalarKind kind;
@@ -109,6 +111,36 @@ cudaError_t launch_unified_forward(const UnifiedProblem& problem, const UnifiedF
 cudaError_t launch_unified_backward(const UnifiedProblem& problem, const UnifiedBackwardParams& p,
                                     cudaStream_t stream);
 
+// Bank- and global-batch-sized problems: the cosines come from cuBLAS, a chunk of references at a
+// time (sim: [n, cols] float32, the anchors against references [j0, j0 + cols)), and these kernels
+// fold each chunk into per-anchor running statistics (stats: [5, n] floats, max_neg, sum_neg,
+// max_pos, sum_pos, pair flags; `first` initializes them), finish them into the forward's
+// outputs, and turn a chunk into dL/dS for the products of the backward.
+struct UnifiedChunk {
+  const float* sim;
+  int64_t j0, cols;
+  bool first;
+};
+
+cudaError_t launch_unified_chunk_forward(const UnifiedProblem& problem, const UnifiedChunk& chunk, float* stats,
+                                         cudaStream_t stream);
+cudaError_t launch_unified_chunk_finish(const UnifiedProblem& problem, const float* stats,
+                                        const UnifiedForwardParams& out, cudaStream_t stream);
+// coef [n, cols] (dtype of x) = dL/dS of the chunk (with the batch as its own reference,
+// dL/dS_ij + dL/dS_ji: the anchors' gradient), and row_radial[i] += sum_j coef_ij S_ij; with
+// col_radial not null (a bank that receives a gradient, which coef^T serves), col_radial[c] =
+// sum_i coef_ic S_ic. stats: the backward's per-anchor inputs (grad_loss, valid, lse_neg, lse_pos).
+cudaError_t launch_unified_chunk_backward(const UnifiedProblem& problem, const UnifiedBackwardParams& stats,
+                                          const UnifiedChunk& chunk, void* coef, float* row_radial, float* col_radial,
+                                          cudaStream_t stream);
+
+// out[r] = inv[r] * acc[r] - radial[r] * sums[r] * rown[r] (the normalization Jacobian after
+// acc = dL/dS @ the other side's normalized rows went through cuBLAS); rown: the normalized rows,
+// of `kind` as out. [count, d] each.
+cudaError_t launch_normalization_finish(ScalarKind kind, const void* rown, int64_t count, int64_t d, const float* acc,
+                                        const float* inv, const float* radial, const float* sums, void* out,
+                                        cudaStream_t stream);
+
 // Rows per block and references per tile of the fused kernels.
 constexpr int kTile = 64;
 
@@ -163,6 +195,21 @@ struct BatchHardBackwardParams {
 };
 
 cudaError_t launch_batch_hard_forward(const BatchHardForwardParams& p, cudaStream_t stream);
+
+// A large batch, a chunk of references at a time (the glue's cuBLAS products, as for the unified
+// loss): dots [n, cols] against references [j0, j0 + cols), the cosines of the normalized rows for
+// the cosine metric, else the raw dot products with the rows' squared norms sq [n]. Each chunk
+// offers its hardest pairs to p.partial_dist / partial_idx ([2, n]; `first` initializes them);
+// the finish writes the outputs from them (p.splits = 1). p.inv must hold the rows' inverse norms.
+struct BatchHardChunk {
+  const float* dots;
+  int64_t j0, cols;
+  bool first;
+};
+
+cudaError_t launch_batch_hard_chunk(const BatchHardForwardParams& p, const BatchHardChunk& chunk, const float* sq,
+                                    cudaStream_t stream);
+cudaError_t launch_batch_hard_chunk_finish(const BatchHardForwardParams& p, cudaStream_t stream);
 cudaError_t launch_batch_hard_backward(const BatchHardBackwardParams& p, cudaStream_t stream);
 
 // ---- modality_centers
