@@ -673,7 +673,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
-        "n": (128,) if quick else (16, 64, 128, 256, 512, 1024, 4096),
+        # on a GPU also the global batches of several ranks against themselves (N = 8192)
+        "n": (128,) if quick else (16, 64, 128, 256, 512, 1024, 4096) + ((8192,) if args.device == "cuda" else ()),
         "d": (256,) if quick else (256, 2048),
         "bank_m": (1024,) if quick else (4096, 16384) + ((65536,) if args.device == "cuda" else ()),
         "bank_n": 128 if quick else 1024,
