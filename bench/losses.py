@@ -28,7 +28,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import harness  # noqa: E402  (sets KINETO_LOG_LEVEL before torch loads)
 import torch  # noqa: E402
