@@ -212,7 +212,8 @@ struct RowNorms {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* row = data + i * d;
         sq[i] = dot_product(row, row, d);
-        if (scale_large_rows) scale[i] = row_scale(max_abs(row, d));
+        // max_abs^2 <= sq: a row with sq <= big_row (every ordinary one) has max_abs < big_row.
+        if (scale_large_rows) scale[i] = sq[i] <= big_row<scalar_t>() ? scalar_t(1) : row_scale(max_abs(row, d));
         set_inverse(i, eps);
       }
     });

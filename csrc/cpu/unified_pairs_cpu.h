@@ -145,14 +145,6 @@ struct AnchorGrad {
   const scalar_t* shift_pos;
 };
 
-template <typename scalar_t>
-inline void anchor_factors(scalar_t grad, scalar_t lse_neg, scalar_t lse_pos, bool valid, scalar_t& weight,
-                           scalar_t& shift_neg, scalar_t& shift_pos) {
-  weight = unified_anchor_weight(grad, lse_neg, lse_pos, valid);
-  shift_neg = unified_grad_shift(weight, lse_neg);
-  shift_pos = unified_grad_shift(weight, lse_pos);
-}
-
 // g[r, c] = dL/dS of the tile's pairs: (anchor r, reference c) with kRows, plus
 // (anchor c, reference r) with kCols. The flags are template arguments so that
 // the element loop has no branches and vectorizes.

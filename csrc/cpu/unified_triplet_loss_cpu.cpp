@@ -76,7 +76,7 @@ const scalar_t* dots_of(const Problem<scalar_t>& pb, const at::Tensor& all_dots,
 template <typename scalar_t>
 class ScratchPerThread {
  public:
-  ScratchPerThread(const Problem<scalar_t>& pb)
+  explicit ScratchPerThread(const Problem<scalar_t>& pb)
       : options_(pb.x.options()), size_(max_tile(pb.x.size(0), pb.ref.size(0), pb.in.self_ref)),
         scratch_(at::get_num_threads()) {}
 
@@ -115,7 +115,9 @@ struct AnchorFactors {
   explicit AnchorFactors(int64_t n) : weight(n), shift_neg(n), shift_pos(n) {}
 
   void set(int64_t i, scalar_t grad, scalar_t lse_neg, scalar_t lse_pos, bool valid) {
-    anchor_factors(grad, lse_neg, lse_pos, valid, weight[i], shift_neg[i], shift_pos[i]);
+    weight[i] = unified_anchor_weight(grad, lse_neg, lse_pos, valid);
+    shift_neg[i] = unified_grad_shift(weight[i], lse_neg);
+    shift_pos[i] = unified_grad_shift(weight[i], lse_pos);
   }
 
   AnchorGrad<scalar_t> from(int64_t first) const {
