@@ -18,17 +18,21 @@ namespace reid_ext {
 // Which references may pair with an anchor, by modality (schema int `mode`).
 enum PairMode : int { kModeAll = 0, kModeCross = 1, kModeIntra = 2 };
 
-// Branch-free, so that CPU element loops vectorize: "cross" wants different
-// modalities, "intra" equal ones, "all" either.
-HOST_DEVICE_INLINE bool modality_allowed(int mode, int64_t anchor_modality, int64_t ref_modality) {
-  return mode == kModeAll || ((mode == kModeCross) == (anchor_modality != ref_modality));
+// The pair rule, branch-free (no short-circuit), so that the CPU element loops vectorize it; over any
+// integer type, so that they can compare int32 codes (8 lanes per AVX2 instruction instead of 4).
+// "cross" wants different modalities, "intra" equal ones, "all" either.
+template <typename code_t>
+HOST_DEVICE_INLINE bool modality_allowed(int mode, code_t anchor_modality, code_t ref_modality) {
+  return (mode == kModeAll) | ((mode == kModeCross) == (anchor_modality != ref_modality));
 }
 
 // Pair kind of anchor i and reference j: 0 = not a pair, 1 = positive, -1 = negative.
-HOST_DEVICE_INLINE int pair_kind(
-    int mode, bool self_pair, int64_t label_i, int64_t label_j, int64_t modality_i, int64_t modality_j) {
-  if (self_pair || !modality_allowed(mode, modality_i, modality_j)) return 0;
-  return label_i == label_j ? 1 : -1;
+template <typename code_t>
+HOST_DEVICE_INLINE int pair_kind(int mode, bool self_pair, code_t label_i, code_t label_j, code_t modality_i,
+                                 code_t modality_j) {
+  const int allowed = !self_pair & modality_allowed(mode, modality_i, modality_j);
+  const int sign = (int(label_i == label_j) << 1) - 1;
+  return sign & -allowed;  // in bits, so that no select is left to if-convert
 }
 
 // Overloads that keep float arithmetic in float on both host and device.
@@ -50,8 +54,23 @@ HOST_DEVICE_INLINE acc_t neg_infinity() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// exp as a function object, for the math below that takes its exp as an argument (the CPU element
+// loops pass their vectorizable one, cpu::VExp).
+struct MathExp {
+  template <typename acc_t>
+  HOST_DEVICE_INLINE acc_t operator()(acc_t v) const {
+    return math_exp(v);
+  }
+};
+
 // Online log-sum-exp: the running (max, sum of exp(v - max)). A NaN value makes
-// the sum NaN (v > max is false, exp(NaN) is NaN), so it is never dropped.
+// the sum NaN (v > max is false, exp(NaN) is NaN), so it is never dropped: push(NaN)
+// is how a fold that found a NaN outside push/merge records it.
 template <typename acc_t>
 struct OnlineLSE {
   acc_t max;
@@ -68,6 +87,8 @@ struct OnlineLSE {
     }
   }
 
+  // Adds a block of values given as its (max, sum of exp(v - max)). A NaN other_sum (the block had
+  // a NaN) makes the sum NaN whatever other_max is, -inf included.
   HOST_DEVICE_INLINE void merge(acc_t other_max, acc_t other_sum) {
     if (other_sum == acc_t(0)) return;  // empty: nothing to add (also guards -inf - -inf)
     if (sum == acc_t(0)) {
@@ -81,9 +102,12 @@ struct OnlineLSE {
     }
   }
 
-  // log(sum exp(v)); -inf when nothing was pushed.
+  // Whether nothing was pushed or merged in (a NaN counts as a value).
+  HOST_DEVICE_INLINE bool empty() const { return sum == acc_t(0); }
+
+  // log(sum exp(v)); -inf when empty, NaN once a NaN was folded in.
   HOST_DEVICE_INLINE acc_t value() const {
-    return sum == acc_t(0) ? neg_infinity<acc_t>() : max + math_log(sum);
+    return empty() ? neg_infinity<acc_t>() : max + math_log(sum);
   }
 };
 
@@ -139,27 +163,65 @@ HOST_DEVICE_INLINE acc_t inverse_norm(acc_t squared_norm, acc_t eps) {
   return acc_t(1) / (norm > eps ? norm : eps);
 }
 
-// The unified loss of one anchor from its two log-sum-exps:
-// softplus(LSE_neg + LSE_pos) when it has both a positive and a negative, else 0.
+// The loss of an anchor that has no positive or no negative: 0, unless a NaN reached it (NaN
+// features never vanish): its own feature row (a NaN squared norm) or a paired reference's (a NaN
+// statistic, here a and b: the log-sum-exps or the hardest distances).
 template <typename acc_t>
-HOST_DEVICE_INLINE acc_t unified_anchor_loss(acc_t lse_neg, acc_t lse_pos, bool valid) {
-  return valid ? softplus(lse_neg + lse_pos) : acc_t(0);
+HOST_DEVICE_INLINE acc_t invalid_anchor_loss(acc_t a, acc_t b, acc_t squared_norm) {
+  return (a != a) | (b != b) | (squared_norm != squared_norm) ? quiet_nan<acc_t>() : acc_t(0);
 }
 
-// dL/dS_ij of the unified loss for one pair, given the anchor's statistics:
-// w_i = grad_i * sigmoid(LSE_neg + LSE_pos) (0 for an invalid anchor), then
-// negative: w_i * gamma * exp(gamma*(S+margin) - LSE_neg); positive: -w_i * gamma * exp(-gamma*S - LSE_pos).
+// The unified loss of one anchor from its two log-sum-exps: softplus(LSE_neg + LSE_pos) when it has
+// both a positive and a negative, else invalid_anchor_loss (squared_norm: the anchor's |x_i|^2).
 template <typename acc_t>
-HOST_DEVICE_INLINE acc_t unified_pair_grad(
-    int kind, acc_t sim, acc_t weight, acc_t lse_neg, acc_t lse_pos, acc_t gamma, acc_t margin) {
-  if (kind == 0 || weight == acc_t(0)) return acc_t(0);  // also keeps exp(+inf) of invalid anchors out
-  if (kind < 0) return weight * gamma * math_exp(gamma * (sim + margin) - lse_neg);
-  return -weight * gamma * math_exp(-gamma * sim - lse_pos);
+HOST_DEVICE_INLINE acc_t unified_anchor_loss(acc_t lse_neg, acc_t lse_pos, bool valid, acc_t squared_norm) {
+  return valid ? softplus(lse_neg + lse_pos) : invalid_anchor_loss(lse_neg, lse_pos, squared_norm);
+}
+
+// The same without the anchor's own norm: a NaN that reached a paired reference still shows.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t unified_anchor_loss(acc_t lse_neg, acc_t lse_pos, bool valid) {
+  return unified_anchor_loss(lse_neg, lse_pos, valid, acc_t(0));
+}
+
+// The value a pair adds to its anchor's log-sum-exp: -gamma*S for a positive, gamma*(S + margin)
+// for a negative.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t unified_pair_value(bool positive, acc_t sim, acc_t gamma, acc_t margin) {
+  return positive ? -gamma * sim : gamma * (sim + margin);
 }
 
 template <typename acc_t>
 HOST_DEVICE_INLINE acc_t unified_anchor_weight(acc_t grad, acc_t lse_neg, acc_t lse_pos, bool valid) {
   return valid ? grad * sigmoid(lse_neg + lse_pos) : acc_t(0);
+}
+
+// What dL/dS subtracts in the exponent of an anchor with weight w: its log-sum-exp, or +inf where w = 0,
+// so that exp(v - shift) is 0 there rather than exp(+inf) (an invalid anchor's LSE may be -inf).
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t unified_grad_shift(acc_t weight, acc_t lse) {
+  return weight == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : lse;
+}
+
+// dL/dS_ij of the unified loss for one pair, branch-free (the CPU element loops vectorize it), given
+// the anchor's weight w_i = grad_i * sigmoid(LSE_neg + LSE_pos) (unified_anchor_weight) and shifts
+// (unified_grad_shift): negative: w_i * gamma * exp(gamma*(S+margin) - LSE_neg); positive:
+// -w_i * gamma * exp(-gamma*S - LSE_pos); 0 when kind = 0. A NaN S gives NaN, also where w_i = 0.
+template <typename acc_t, typename Exp>
+HOST_DEVICE_INLINE acc_t unified_pair_grad_shifted(int kind, acc_t sim, acc_t weight, acc_t shift_neg,
+                                                   acc_t shift_pos, acc_t gamma, acc_t margin, const Exp& exp) {
+  const bool positive = kind > 0;
+  const acc_t value = unified_pair_value(positive, sim, gamma, margin);
+  const acc_t grad = (positive ? -weight : weight) * gamma * exp(value - (positive ? shift_pos : shift_neg));
+  return kind != 0 ? grad : acc_t(0);
+}
+
+// The same from the anchor's log-sum-exps.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t unified_pair_grad(int kind, acc_t sim, acc_t weight, acc_t lse_neg, acc_t lse_pos,
+                                           acc_t gamma, acc_t margin) {
+  return unified_pair_grad_shifted(kind, sim, weight, unified_grad_shift(weight, lse_neg),
+                                   unified_grad_shift(weight, lse_pos), gamma, margin, MathExp());
 }
 
 // ---- batch_hard_triplet_loss
@@ -222,14 +284,22 @@ struct Hardest {
 };
 
 // Loss of one anchor from its hardest pair distances: relu(d_ap - d_an + margin), or
-// softplus(d_ap - d_an) with the soft margin; 0 without a positive or a negative.
+// softplus(d_ap - d_an) with the soft margin; invalid_anchor_loss without a positive or a negative
+// (squared_norm: the anchor's |x_i|^2).
 template <typename acc_t>
-HOST_DEVICE_INLINE acc_t batch_hard_anchor_loss(acc_t d_ap, acc_t d_an, acc_t margin, bool soft, bool valid) {
-  if (!valid) return acc_t(0);
+HOST_DEVICE_INLINE acc_t batch_hard_anchor_loss(acc_t d_ap, acc_t d_an, acc_t margin, bool soft, bool valid,
+                                                acc_t squared_norm) {
+  if (!valid) return invalid_anchor_loss(d_ap, d_an, squared_norm);
   const acc_t diff = d_ap - d_an;
   if (soft) return softplus(diff);
   const acc_t hinge = diff + margin;
   return hinge < acc_t(0) ? acc_t(0) : hinge;
+}
+
+// The same without the anchor's own norm: a NaN distance to a selected pair still shows.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t batch_hard_anchor_loss(acc_t d_ap, acc_t d_an, acc_t margin, bool soft, bool valid) {
+  return batch_hard_anchor_loss(d_ap, d_an, margin, soft, valid, acc_t(0));
 }
 
 // grad * dL_i/d(d_ap), which is also -grad * dL_i/d(d_an). As torch.relu, no gradient at the kink.
@@ -281,11 +351,18 @@ HOST_DEVICE_INLINE acc_t smoothed_cross_entropy(acc_t lse, acc_t target_logit, a
   return lse - (acc_t(1) - smoothing) * target_logit - smoothing / acc_t(num_classes) * logit_sum;
 }
 
-// dCE/dz_c = softmax_c - (1 - eps) [c == y] - eps / C.
+// dCE/dz_c = softmax_c - (1 - eps) [c == y] - eps / C, with the exp given (the CPU row loops pass
+// their vectorizable one).
+template <typename acc_t, typename Exp>
+HOST_DEVICE_INLINE acc_t smoothed_cross_entropy_grad(acc_t logit, acc_t lse, bool is_target, acc_t smoothing,
+                                                     int64_t num_classes, const Exp& exp) {
+  return exp(logit - lse) - (is_target ? acc_t(1) - smoothing : acc_t(0)) - smoothing / acc_t(num_classes);
+}
+
 template <typename acc_t>
 HOST_DEVICE_INLINE acc_t smoothed_cross_entropy_grad(acc_t logit, acc_t lse, bool is_target, acc_t smoothing,
                                                      int64_t num_classes) {
-  return math_exp(logit - lse) - (is_target ? acc_t(1) - smoothing : acc_t(0)) - smoothing / acc_t(num_classes);
+  return smoothed_cross_entropy_grad(logit, lse, is_target, smoothing, num_classes, MathExp());
 }
 
 // ---- topk_similarity

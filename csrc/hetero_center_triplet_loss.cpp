@@ -10,7 +10,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <numeric>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 #include "reduction.h"
@@ -36,21 +40,45 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 using Tensor = at::Tensor;
 using OptionalTensor = c10::optional<at::Tensor>;
 
-// The group of each row and the (label, modality) of each group, groups ordered by (label, modality):
-// a unique over one int64 key per row, built from order-preserving ranks (< N) of the two values.
-// The number of groups depends on the data, so on CUDA this waits for the device once.
+// The group of each row and the (label, modality) of each group, groups ordered by (label, modality).
+// On the CPU a sort of the N (label, modality) pairs; on a device a unique over one int64 key per
+// row built from order-preserving ranks (< N) of the two values. The number of groups depends on
+// the data, so on CUDA this waits for the device once.
 std::tuple<Tensor, Tensor, Tensor> modality_groups(const Tensor& labels, const Tensor& modalities) {
   TORCH_CHECK_VALUE(labels.dim() == 1 && modalities.dim() == 1 && labels.size(0) == modalities.size(0),
                     "labels and modalities must be 1-D of one length, got shapes ", labels.sizes(), " and ",
                     modalities.sizes());
-  const int64_t n = std::max<int64_t>(labels.numel(), 1);
   const Tensor label_values = labels.to(at::kLong).contiguous(), modality_values = modalities.to(at::kLong).contiguous();
+  const int64_t n = labels.numel();
+  if (kHostLoops && labels.is_cpu()) {
+    const int64_t* l = label_values.data_ptr<int64_t>();
+    const int64_t* m = modality_values.data_ptr<int64_t>();
+    std::vector<int64_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return std::pair(l[a], m[a]) < std::pair(l[b], m[b]); });
+    Tensor group = at::empty({n}, label_values.options());
+    std::vector<int64_t> first;  // the first row (in sorted order) of each group
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = order[k];
+      if (k == 0 || std::pair(l[i], m[i]) != std::pair(l[order[k - 1]], m[order[k - 1]])) first.push_back(i);
+      group.data_ptr<int64_t>()[i] = static_cast<int64_t>(first.size()) - 1;
+    }
+    const int64_t groups = static_cast<int64_t>(first.size());
+    Tensor center_labels = at::empty({groups}, label_values.options()), center_modalities = at::empty({groups}, label_values.options());
+    for (int64_t g = 0; g < groups; ++g) {
+      center_labels.data_ptr<int64_t>()[g] = l[first[g]];
+      center_modalities.data_ptr<int64_t>()[g] = m[first[g]];
+    }
+    return {group, center_labels.to(labels.scalar_type()), center_modalities.to(modalities.scalar_type())};
+  }
+  const int64_t scale = std::max<int64_t>(n, 1);
   const Tensor sorted_labels = std::get<0>(at::sort(label_values));
   const Tensor sorted_modalities = std::get<0>(at::sort(modality_values));
-  const Tensor key = at::searchsorted(sorted_labels, label_values).mul_(n).add_(at::searchsorted(sorted_modalities, modality_values));
+  const Tensor key =
+      at::searchsorted(sorted_labels, label_values).mul_(scale).add_(at::searchsorted(sorted_modalities, modality_values));
   const auto [keys, group, counts] = at::_unique2(key, /*sorted=*/true, /*return_inverse=*/true, /*return_counts=*/false);
-  return {group.reshape({-1}), sorted_labels.index_select(0, keys.div(n, "floor")).to(labels.scalar_type()),
-          sorted_modalities.index_select(0, keys.remainder(n)).to(modalities.scalar_type())};
+  return {group.reshape({-1}), sorted_labels.index_select(0, keys.div(scale, "floor")).to(labels.scalar_type()),
+          sorted_modalities.index_select(0, keys.remainder(scale)).to(modalities.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor> hetero_center_triplet_loss(const Tensor& x, const Tensor& labels, const Tensor& modalities,

@@ -63,9 +63,18 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(x, torch.zeros_like(x))
 
 
+def _invalid_anchor_loss(x: torch.Tensor, *stats: torch.Tensor) -> torch.Tensor:
+    """The loss of an anchor without a positive or a negative: 0, unless a NaN reached it, from
+    its own feature row or from a paired reference through its statistics (NaN never vanishes)."""
+    nan = x.isnan().any(dim=1)
+    for stat in stats:
+        nan = nan | stat.isnan()
+    return torch.where(nan, float("nan"), 0.0).to(x.dtype)
+
+
 def _masked_logsumexp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # Rows without any entry get a finite dummy, so that backward never sees
-    # exp(-inf - -inf); the caller zeroes those rows out with `valid`.
+    # exp(-inf - -inf); the caller replaces those rows' losses by _invalid_anchor_loss.
     has_any = mask.any(dim=1, keepdim=True)
     filled = torch.where(mask, values, torch.where(has_any, float("-inf"), 0.0))
     return torch.logsumexp(filled, dim=1)
@@ -95,7 +104,7 @@ def unified_triplet_loss(
     lse_neg = _masked_logsumexp(gamma * (sim + margin), neg)
     lse_pos = _masked_logsumexp(-gamma * sim, pos)
     valid = pos.any(dim=1) & neg.any(dim=1)
-    loss = torch.where(valid, _softplus(lse_neg + lse_pos), torch.zeros_like(lse_neg))
+    loss = torch.where(valid, _softplus(lse_neg + lse_pos), _invalid_anchor_loss(x, lse_neg, lse_pos))
     return _reduce(loss, valid, reduction)
 
 
@@ -152,7 +161,10 @@ def batch_hard_triplet_loss(
     d_an = dist.gather(1, neg_idx.clamp_min(0)[:, None]).squeeze(1)
     diff = d_ap - d_an
     per_anchor = _softplus(diff) if soft_margin else F.relu(diff + margin)
-    loss = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
+    # The distances that exist (d_ap, d_an gather column 0 where they do not).
+    no_dist = torch.zeros_like(d_ap)
+    invalid = _invalid_anchor_loss(x, torch.where(has_pos, d_ap, no_dist), torch.where(has_neg, d_an, no_dist))
+    loss = torch.where(valid, per_anchor, invalid)
     loss = _reduce(loss, valid, reduction)
     if return_indices:
         return loss, pos_idx, neg_idx

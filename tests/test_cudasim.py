@@ -167,9 +167,9 @@ def global_functions():
     return names
 
 
-def kernel_tour(multiprocessors):
-    """Calls every op and backward op on the emulated GPU, on both its single-block paths (one
-    multiprocessor) and its split paths (eight)."""
+def kernel_tour(multiprocessors, monkeypatch):
+    """Calls every op and backward op on the emulated GPU: its tile kernels' single-block paths (one
+    multiprocessor) and split paths (eight), and the products path of large problems (forced)."""
     gen = torch.Generator().manual_seed(0)
     x = features(70, 12, gen, "cpu", torch.float32)
     bank = features(150, 12, gen, "cpu", torch.float32)
@@ -177,8 +177,11 @@ def kernel_tour(multiprocessors):
     modalities = torch.arange(70) % 2
     bank_labels = torch.randint(0, 17, (150,), generator=gen)
     weight = features(11, 12, gen, "cpu", torch.float32)
-    for count in (1, 8):
+    for count, products in ((1, False), (8, False), (1, True)):
         multiprocessors(count)
+        if products:
+            monkeypatch.setenv("REID_EXT_CUDA_PRODUCTS_FROM", "0")
+            monkeypatch.setenv("REID_EXT_CUDA_CHUNK_BYTES", str(4 * 150 * 64))
         with cudasim.device():
             losses = [
                 reid_ext.cosine_similarity(x, bank).sum(),
@@ -194,11 +197,11 @@ def kernel_tour(multiprocessors):
             reid_ext.topk_similarity(x, bank, k=5)  # not differentiable
 
 
-def test_every_kernel_is_launched(sim, multiprocessors):
+def test_every_kernel_is_launched(sim, multiprocessors, monkeypatch):
     kernels = global_functions()
-    assert len(kernels) >= 15, kernels  # the parse finds them
+    assert len(kernels) >= 20, kernels  # the parse finds them
     sim.reset_launch_counts()
-    kernel_tour(multiprocessors)
+    kernel_tour(multiprocessors, monkeypatch)
     launched = set(sim.launch_counts())
     assert kernels - launched == set(), f"never launched: {sorted(kernels - launched)}"
 

@@ -3,7 +3,8 @@
 // Forward: anchor blocks in parallel; each streams tiles of the batch past its
 // anchors (one BLAS call per tile), turns the dot products into distances and
 // keeps each anchor's running hardest positive and negative. Only a tile of the
-// N x N distance matrix ever exists.
+// N x N distance matrix ever exists. The cosine metric works on the rows with
+// the large ones scaled (see RowNorms); the euclidean ones on the rows as they are.
 // Backward: the loss depends on two distances per anchor, so the gradient is
 // O(N * D): every row collects its own two pairs and the pairs in which other
 // anchors selected it, found through a counting sort of the selected indices,
@@ -13,22 +14,26 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "cpu/family_tiles_cpu.h"
+#include "cpu/tiles_cpu.h"
 #include "reduction.h"
 
 namespace reid_ext {
 namespace cpu {
 namespace {
 
-using family::kBlockRows;
-using family::kTileCols;
+// The norms of x that metric needs: of x itself for the euclidean metrics, which are not
+// scale-invariant, and of x with its large rows scaled for the cosine one.
+template <typename scalar_t>
+RowNorms<scalar_t> metric_norms(const at::Tensor& x, int metric) {
+  return RowNorms<scalar_t>(x, norm_eps<scalar_t>(), metric == kMetricCosine);
+}
 
 template <typename scalar_t>
 void forward_impl(const at::Tensor& x, const int64_t* labels, scalar_t margin, int metric, bool soft,
                   at::Tensor& loss, at::Tensor& valid, at::Tensor& pos_idx, at::Tensor& neg_idx,
                   at::Tensor& dist_ap, at::Tensor& dist_an) {
   const int64_t n = x.size(0);
-  const family::RowNorms<scalar_t> norms(x);
+  const RowNorms<scalar_t> norms = metric_norms<scalar_t>(x, metric);
   const scalar_t* sq = norms.sq.data();
   const scalar_t* inv = norms.inv.data();
   scalar_t* loss_out = loss.data_ptr<scalar_t>();
@@ -38,7 +43,7 @@ void forward_impl(const at::Tensor& x, const int64_t* labels, scalar_t margin, i
   scalar_t* ap_out = dist_ap.data_ptr<scalar_t>();
   scalar_t* an_out = dist_an.data_ptr<scalar_t>();
 
-  family::for_each_row_block<scalar_t>(x, x, [&](family::TileStream<scalar_t>& tiles, int64_t i0, int64_t rows) {
+  for_each_row_block<scalar_t>(norms.rows, norms.rows, [&](TileStream<scalar_t>& tiles, int64_t i0, int64_t rows) {
     Hardest<scalar_t> pos[kBlockRows], neg[kBlockRows];
     scalar_t dist[kTileCols];
     for (int64_t j0 = 0; j0 < n; j0 += kTileCols) {
@@ -71,7 +76,7 @@ void forward_impl(const at::Tensor& x, const int64_t* labels, scalar_t margin, i
       // An anchor without a positive (negative) has no such distance; 0 keeps the outputs finite.
       ap_out[i] = pos[r].index >= 0 ? pos[r].dist : scalar_t(0);
       an_out[i] = neg[r].index >= 0 ? neg[r].dist : scalar_t(0);
-      loss_out[i] = batch_hard_anchor_loss(ap_out[i], an_out[i], margin, soft, ok);
+      loss_out[i] = batch_hard_anchor_loss(ap_out[i], an_out[i], margin, soft, ok, sq[i]);
     }
   });
 }
@@ -100,7 +105,7 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& x, const int64
                    const scalar_t* dist_ap, const scalar_t* dist_an, scalar_t margin, int metric, bool soft,
                    at::Tensor& grad_x) {
   const int64_t n = x.size(0), d = x.size(1);
-  const family::RowNorms<scalar_t> norms(x);
+  const RowNorms<scalar_t> norms = metric_norms<scalar_t>(x, metric);
   const scalar_t* g = grad_loss.data_ptr<scalar_t>();
   // w[i] = dL/d(d_ap) of anchor i, = -dL/d(d_an).
   std::vector<scalar_t> w(n);
@@ -108,11 +113,11 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& x, const int64
     w[i] = batch_hard_anchor_weight(g[i], dist_ap[i], dist_an[i], margin, soft, pos[i] >= 0 && neg[i] >= 0);
   }
   const IncomingPairs incoming(pos, neg, n);
-  const scalar_t* xd = x.data_ptr<scalar_t>();
+  const scalar_t* xd = norms.rows.template data_ptr<scalar_t>();
   scalar_t* out = grad_x.data_ptr<scalar_t>();
 
   // Each row adds about 4 other rows (its own two pairs, and on average two that selected it).
-  at::parallel_for(0, n, family::rows_per_task(4 * d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, rows_per_task(4 * d), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       scalar_t* row = out + k * d;
       std::fill(row, row + d, scalar_t(0));
@@ -123,7 +128,7 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& x, const int64
         const PairGrad<scalar_t> pg =
             distance_grad<scalar_t>(metric, dist, norms.inv[k], norms.inv[other], norms.radial[k]);
         self += coef * pg.self;
-        family::add_scaled(row, coef * pg.other, xd + other * d, d);
+        add_scaled(row, coef * pg.other, xd + other * d, d);
       };
       if (pos[k] >= 0) add_pair(pos[k], w[k], dist_ap[k]);
       if (neg[k] >= 0) add_pair(neg[k], -w[k], dist_an[k]);
@@ -132,9 +137,10 @@ void backward_impl(const at::Tensor& grad_loss, const at::Tensor& x, const int64
         if (p < n) add_pair(p, w[p], dist_ap[p]);
         else add_pair(p - n, -w[p - n], dist_an[p - n]);
       }
-      family::add_scaled(row, self, xd + k * d, d);
+      add_scaled(row, self, xd + k * d, d);
     }
   });
+  norms.unscale(grad_x);  // the gradient of the rows that the distances were computed from
 }
 
 at::Tensor batch_hard_triplet_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& x_in,

@@ -1,6 +1,7 @@
 // cosine_similarity on CPU. Forward: one GEMM per block of rows on the raw
-// features, with the normalization fused into its epilogue. Backward: two GEMMs
-// of dL/dS with the normalized features, then the normalization Jacobian per row.
+// features (large rows scaled, see RowNorms), with the normalization fused into its
+// epilogue. Backward: two GEMMs of dL/dS with the normalized features, then the
+// normalization Jacobian per row.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -11,8 +12,9 @@ namespace cpu {
 namespace {
 
 template <typename scalar_t>
-void similarity_rows(const at::Tensor& x, const at::Tensor& y, const std::vector<scalar_t>& inv_x,
-                     const std::vector<scalar_t>& inv_y, at::Tensor& out) {
+void similarity_rows(const RowNorms<scalar_t>& nx, const RowNorms<scalar_t>& ny, at::Tensor& out) {
+  const at::Tensor &x = nx.rows, &y = ny.rows;
+  const std::vector<scalar_t>&inv_x = nx.inv, &inv_y = ny.inv;
   const int64_t n = x.size(0), m = y.size(0), block_size = anchor_block(n);
   parallel_over((n + block_size - 1) / block_size, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
@@ -30,7 +32,9 @@ void similarity_rows(const at::Tensor& x, const at::Tensor& y, const std::vector
 
 // Rows scaled by their inverse norms: the normalized features.
 template <typename scalar_t>
-at::Tensor normalized(const at::Tensor& a, const std::vector<scalar_t>& inv) {
+at::Tensor normalized(const RowNorms<scalar_t>& norms) {
+  const at::Tensor& a = norms.rows;
+  const std::vector<scalar_t>& inv = norms.inv;
   at::Tensor out = at::empty_like(a);
   const int64_t d = a.size(1);
   const scalar_t* in = a.data_ptr<scalar_t>();
@@ -53,10 +57,9 @@ at::Tensor cosine_similarity_cpu(const at::Tensor& x_in, const c10::optional<at:
   const at::Tensor y = y_in.has_value() ? y_in->contiguous() : x;
   at::Tensor out = at::empty({x.size(0), y.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_similarity_cpu", [&] {
-    std::vector<scalar_t> inv_x, inv_y;
-    inverse_norms<scalar_t>(x, static_cast<scalar_t>(eps), inv_x, nullptr);
-    if (y_in.has_value()) inverse_norms<scalar_t>(y, static_cast<scalar_t>(eps), inv_y, nullptr);
-    similarity_rows<scalar_t>(x, y, inv_x, y_in.has_value() ? inv_y : inv_x, out);
+    const RowNorms<scalar_t> nx(x, static_cast<scalar_t>(eps));
+    if (!y_in.has_value()) return similarity_rows<scalar_t>(nx, nx, out);
+    similarity_rows<scalar_t>(nx, RowNorms<scalar_t>(y, static_cast<scalar_t>(eps)), out);
   });
   return out;
 }
@@ -73,21 +76,18 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cpu(
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // the GEMMs below are internal, not part of the graph
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cosine_similarity_backward_cpu", [&] {
     const bool self = !y_in.has_value();
-    std::vector<scalar_t> inv_x, radial_x, inv_y, radial_y;
-    inverse_norms<scalar_t>(x, static_cast<scalar_t>(eps), inv_x, &radial_x);
-    if (!self) inverse_norms<scalar_t>(y, static_cast<scalar_t>(eps), inv_y, &radial_y);
+    const RowNorms<scalar_t> nx(x, static_cast<scalar_t>(eps));
     // Two GEMMs on N x D operands, then the Jacobian row by row: no pass over N x M besides the GEMMs.
-    const at::Tensor xn = normalized<scalar_t>(x, inv_x);
-    const at::Tensor yn = self ? xn : normalized<scalar_t>(y, inv_y);
-    grad_x = at::mm(grad, yn);
-    at::Tensor from_cols = at::mm(grad.t(), xn);
+    const at::Tensor xn = normalized<scalar_t>(nx);
     if (self) {
-      grad_x.add_(from_cols);
+      grad_x = at::mm(grad, xn).add_(at::mm(grad.t(), xn));
     } else {
-      normalization_backward<scalar_t>(y, inv_y, radial_y, from_cols);
-      grad_y = from_cols;
+      const RowNorms<scalar_t> ny(y, static_cast<scalar_t>(eps));
+      grad_x = at::mm(grad, normalized<scalar_t>(ny));
+      grad_y = at::mm(grad.t(), xn);
+      normalization_backward<scalar_t>(ny, grad_y);
     }
-    normalization_backward<scalar_t>(x, inv_x, radial_x, grad_x);
+    normalization_backward<scalar_t>(nx, grad_x);
   });
   return {grad_x, grad_y};
 }

@@ -7,13 +7,13 @@
 // (backward), and one GEMM per gradient multiplies each chunk back, in a fixed
 // order (deterministic). When the chunks are whole rows, _cosine_softmax_loss_with_grad
 // turns each chunk's logits into its anchors' loss and dL/dz at once, so that its dot
-// products serve both directions.
+// products serve both directions. Large rows of x and of the weights are scaled
+// (see RowNorms).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "cpu/family_tiles_cpu.h"
 #include "cpu/tiles_cpu.h"
 #include "reduction.h"
 
@@ -31,7 +31,6 @@ struct Logits {
 // At most this many logits (2 MiB in float32) are held at once, and at most kChunkClasses per row.
 constexpr int64_t kChunkLogits = int64_t(1) << 19;
 constexpr int64_t kChunkClasses = 4096;
-constexpr int kLanes = 16;  // independent accumulators, so that row reductions vectorize
 
 // A chunk of the logits: anchors [i0, i0 + rows) against classes [j0, j0 + cols).
 struct Chunk {
@@ -56,7 +55,7 @@ void for_each_chunk(int64_t n, int64_t num_classes, const F& visit) {
 // Calls row(r, z) for the rows r of a chunk, anchors in parallel, z a scratch row of logits.
 template <typename scalar_t, typename F>
 void for_each_chunk_row(const Chunk& ch, const F& row) {
-  at::parallel_for(0, ch.rows, family::rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ch.rows, rows_per_task(ch.cols), [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> z(ch.cols);
     for (int64_t r = begin; r < end; ++r) row(r, z.data());
   });
@@ -70,9 +69,7 @@ inline bool single_chunk(int64_t n, int64_t num_classes) {
 template <typename scalar_t>
 const scalar_t* chunk_dots(const at::Tensor& x, const at::Tensor& weight, const Chunk& ch, at::Tensor& scratch) {
   if (!scratch.defined()) scratch = at::empty({ch.rows * ch.cols}, x.options());  // the first chunk is the largest
-  at::Tensor dots = scratch.narrow(0, 0, ch.rows * ch.cols).view({ch.rows, ch.cols});
-  at::mm_out(dots, x.narrow(0, ch.i0, ch.rows), weight.narrow(0, ch.j0, ch.cols).t());
-  return dots.data_ptr<scalar_t>();
+  return tile_dots(scratch, x, ch.i0, ch.rows, weight, ch.j0, ch.cols).template data_ptr<scalar_t>();
 }
 
 // z[c] = cosine_logit of one anchor against classes c in [0, cols), its target at column
@@ -80,34 +77,17 @@ const scalar_t* chunk_dots(const at::Tensor& x, const at::Tensor& weight, const 
 template <typename scalar_t>
 REID_EXT_ALWAYS_INLINE void row_logits_impl(const scalar_t* dots, int64_t cols, int64_t target, scalar_t inv_row,
                                             const scalar_t* inv_cols, scalar_t scale, scalar_t margin, scalar_t* z) {
-  for (int64_t c = 0; c < cols; ++c) {
-    z[c] = scale * (dots[c] * inv_row * inv_cols[c] - (c == target ? margin : scalar_t(0)));
-  }
+  for (int64_t c = 0; c < cols; ++c) z[c] = cosine_logit(dots[c] * inv_row * inv_cols[c], c == target, scale, margin);
 }
 
 // Folds z[0, cols) into lse (online) and adds it to logit_sum.
 template <typename scalar_t>
 REID_EXT_ALWAYS_INLINE void fold_logits_impl(const scalar_t* z, int64_t cols, OnlineLSE<scalar_t>& lse,
                                              scalar_t& logit_sum) {
-  scalar_t lane_max[kLanes], lane_sum[kLanes] = {}, lane_exp[kLanes] = {};
-  for (int l = 0; l < kLanes; ++l) lane_max[l] = neg_infinity<scalar_t>();
-  const int64_t body = cols - cols % kLanes;
-  for (int64_t c0 = 0; c0 < body; c0 += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      lane_max[l] = z[c0 + l] > lane_max[l] ? z[c0 + l] : lane_max[l];
-      lane_sum[l] += z[c0 + l];
-    }
-  scalar_t m = neg_infinity<scalar_t>(), sum = 0;
-  for (int l = 0; l < kLanes; ++l) m = lane_max[l] > m ? lane_max[l] : m, sum += lane_sum[l];
-  for (int64_t c = body; c < cols; ++c) m = z[c] > m ? z[c] : m, sum += z[c];
-  for (int64_t c0 = 0; c0 < body; c0 += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane_exp[l] += vexp(z[c0 + l] - m);
-  scalar_t exp_sum = 0;
-  for (int l = 0; l < kLanes; ++l) exp_sum += lane_exp[l];
-  for (int64_t c = body; c < cols; ++c) exp_sum += vexp(z[c] - m);
-  // A NaN logit is skipped by the max but makes exp_sum NaN, which merge() keeps.
-  lse.merge(m, exp_sum);
-  logit_sum += sum;
+  // A NaN logit is skipped by the max but makes the sum of exponentials NaN, which merge() keeps.
+  const scalar_t m = lanes_max(z, cols);
+  lse.merge(m, lanes_sum(z, cols, ShiftedExp<scalar_t>{m}));
+  logit_sum += lanes_sum(z, cols, Identity());
 }
 
 // From the logits z[0, cols) of one anchor: g_c = grad_scale * dCE/dz_c, then
@@ -117,9 +97,8 @@ REID_EXT_ALWAYS_INLINE void row_coefficients_impl(const scalar_t* z, int64_t col
                                                   scalar_t grad_scale, scalar_t smoothing, int64_t num_classes,
                                                   scalar_t inv_row, const scalar_t* inv_cols, scalar_t* coef_x,
                                                   scalar_t* coef_w) {
-  const scalar_t uniform = smoothing / scalar_t(num_classes), on_target = scalar_t(1) - smoothing;
   for (int64_t c = 0; c < cols; ++c) {
-    const scalar_t g = grad_scale * (vexp(z[c] - lse) - (c == target ? on_target : scalar_t(0)) - uniform);
+    const scalar_t g = grad_scale * smoothed_cross_entropy_grad(z[c], lse, c == target, smoothing, num_classes, VExp());
     if (kX) coef_x[c] = g * inv_cols[c];
     if (kW) coef_w[c] = g * inv_row;
   }
@@ -159,17 +138,17 @@ struct AnchorFold {
 };
 
 // Everything the chunk loops need about one problem.
+// x and weight are the rows the kernels work on: the inputs with their large rows scaled.
 template <typename scalar_t>
 struct Problem {
-  const at::Tensor &x, &weight;
   Logits<scalar_t> lg;
-  family::RowNorms<scalar_t> nx, nw;
+  RowNorms<scalar_t> nx, nw;
+  at::Tensor x, weight;
 
   Problem(const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& labels, double scale, double margin,
           double smoothing)
-      : x(x_), weight(weight_),
-        lg{labels.data_ptr<int64_t>(), scalar_t(scale), scalar_t(margin), scalar_t(smoothing), weight_.size(0)},
-        nx(x_), nw(weight_) {}
+      : lg{labels.data_ptr<int64_t>(), scalar_t(scale), scalar_t(margin), scalar_t(smoothing), weight_.size(0)},
+        nx(x_), nw(weight_), x(nx.rows), weight(nw.rows) {}
 };
 
 // Folds the logits of anchor i against the chunk's classes (written to z) into fold.
@@ -264,8 +243,8 @@ void backward_impl(const Problem<scalar_t>& pb, const scalar_t* grad, const scal
     });
     coef.multiply_back(pb, ch, grad_x, write, grad_w, write);
   });
-  if (grad_x) normalization_backward<scalar_t>(pb.x, pb.nx.inv, pb.nx.radial, *grad_x);
-  if (grad_w) normalization_backward<scalar_t>(pb.weight, pb.nw.inv, pb.nw.radial, *grad_w);
+  if (grad_x) normalization_backward<scalar_t>(pb.nx, *grad_x);
+  if (grad_w) normalization_backward<scalar_t>(pb.nw, *grad_w);
 }
 
 // Loss, log-sum-exps and gradients (dL/dloss_i = factor) when the chunks are whole rows
@@ -296,8 +275,8 @@ void fused_impl(const Problem<scalar_t>& pb, scalar_t factor, at::Tensor& loss, 
     });
     coef.multiply_back(pb, ch, grad_x, true, grad_w, write_w);
   });
-  if (grad_x) normalization_backward<scalar_t>(pb.x, pb.nx.inv, pb.nx.radial, *grad_x);
-  if (grad_w) normalization_backward<scalar_t>(pb.weight, pb.nw.inv, pb.nw.radial, *grad_w);
+  if (grad_x) normalization_backward<scalar_t>(pb.nx, *grad_x);
+  if (grad_w) normalization_backward<scalar_t>(pb.nw, *grad_w);
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cpu(
@@ -309,8 +288,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_loss_backward_cpu(
   check_per_row(lse_in, "lse", x_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor labels = family::checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
-  const int64_t d = x.size(1);
+  const at::Tensor labels = checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
   at::Tensor grad_x = x_requires_grad ? at::empty_like(x) : no_gradient(x);
   at::Tensor grad_w = weight_requires_grad ? at::empty_like(weight) : no_gradient(x);
   at::AutoDispatchBelowADInplaceOrView no_autograd;
@@ -335,8 +313,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cosine_softmax_loss_c
   check_cpu_dtype(x_in, "x");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor labels = family::checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
-  const int64_t n = x.size(0), d = x.size(1);
+  const at::Tensor labels = checked_indices(labels_in, "labels", "a class index in", "C", weight.size(0));
+  const int64_t n = x.size(0);
   const bool want_x = grad_x && reduction != Reduction::kNone, want_w = grad_weight && reduction != Reduction::kNone;
   at::Tensor loss = at::empty({n}, x.options());
   at::Tensor lse = at::empty({n}, x.options());

@@ -4,12 +4,15 @@
 // groups are averaged in parallel, each by one thread in that order, so the
 // result is bitwise the same for any number of threads. Backward: every row
 // reads only its own group's gradient, so it is row-parallel and deterministic.
+// Normalized rows are computed from the rows with the large ones scaled (see RowNorms).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "cpu/family_tiles_cpu.h"
+#include <optional>
+
+#include "cpu/tiles_cpu.h"
 
 namespace reid_ext {
 namespace cpu {
@@ -28,18 +31,18 @@ void forward_impl(const at::Tensor& x, const int64_t* group, int64_t num_groups,
   std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
   for (int64_t i = 0; i < n; ++i) members[next[group[i]]++] = i;
 
-  std::vector<scalar_t> inv;
-  if (normalize) inv = family::RowNorms<scalar_t>(x).inv;
-  const scalar_t* xd = x.data_ptr<scalar_t>();
+  // Without normalize, the rows as they are, each with weight 1.
+  const std::optional<RowNorms<scalar_t>> norms = normalize ? std::make_optional<RowNorms<scalar_t>>(x) : std::nullopt;
+  const scalar_t* xd = (norms ? norms->rows : x).template data_ptr<scalar_t>();
   scalar_t* out = centers.data_ptr<scalar_t>();
   const int64_t rows_per_group = num_groups > 0 ? std::max<int64_t>(1, n / num_groups) : 1;
-  at::parallel_for(0, num_groups, family::rows_per_task(rows_per_group * d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_groups, rows_per_task(rows_per_group * d), [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       scalar_t* row = out + g * d;
       std::fill(row, row + d, scalar_t(0));
       for (int64_t e = offsets[g]; e < offsets[g + 1]; ++e) {
         const int64_t i = members[e];
-        family::add_scaled(row, normalize ? inv[i] : scalar_t(1), xd + i * d, d);
+        add_scaled(row, norms ? norms->inv[i] : scalar_t(1), xd + i * d, d);
       }
       // A group without members (possible only through the raw op) keeps a zero center.
       if (count[g] > 0) {
@@ -55,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> modality_centers_cpu(const at::Tensor& x_in, 
   check_center_groups(x_in, group_in, num_groups);
   check_cpu_dtype(x_in, "x");
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor group = family::checked_indices(group_in, "group", "in", "num_groups", num_groups);
+  const at::Tensor group = checked_indices(group_in, "group", "in", "num_groups", num_groups);
   at::Tensor centers = at::empty({num_groups, x.size(1)}, x.options());
   at::Tensor counts = at::empty({num_groups}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "modality_centers_cpu", [&] {
@@ -70,16 +73,11 @@ template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_centers, const at::Tensor& x, const int64_t* group, const int64_t* count,
                    bool normalize, at::Tensor& grad_x) {
   const int64_t n = x.size(0), d = x.size(1);
-  std::vector<scalar_t> inv, radial;
-  if (normalize) {
-    family::RowNorms<scalar_t> norms(x);
-    inv = std::move(norms.inv);
-    radial = std::move(norms.radial);
-  }
+  const std::optional<RowNorms<scalar_t>> norms = normalize ? std::make_optional<RowNorms<scalar_t>>(x) : std::nullopt;
   const scalar_t* gc = grad_centers.data_ptr<scalar_t>();
-  const scalar_t* xd = x.data_ptr<scalar_t>();
+  const scalar_t* xd = (norms ? norms->rows : x).template data_ptr<scalar_t>();
   scalar_t* out = grad_x.data_ptr<scalar_t>();
-  at::parallel_for(0, n, family::rows_per_task(2 * d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, rows_per_task(2 * d), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = group[i];
       const scalar_t* v = gc + g * d;
@@ -92,10 +90,11 @@ void backward_impl(const at::Tensor& grad_centers, const at::Tensor& x, const in
         continue;
       }
       const scalar_t dot = dot_product(xi, v, d);
-      const scalar_t along = share * inv[i], shrink = share * radial[i] * inv[i] * dot;
+      const scalar_t inv = norms->inv[i], along = share * inv, shrink = share * norms->radial[i] * inv * dot;
       for (int64_t k = 0; k < d; ++k) row[k] = along * v[k] - shrink * xi[k];
     }
   });
+  if (norms) norms->unscale(grad_x);  // computed for the normalized rows of norms->rows
 }
 
 at::Tensor modality_centers_backward_cpu(const at::Tensor& grad_centers_in, const at::Tensor& x_in,
@@ -109,7 +108,7 @@ at::Tensor modality_centers_backward_cpu(const at::Tensor& grad_centers_in, cons
               "grad_centers must be Tensor[G, D] = [", num_groups, ", ", x_in.size(1), "], got shape ",
               grad_centers_in.sizes());
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor group = family::checked_indices(group_in, "group", "in", "num_groups", num_groups);
+  const at::Tensor group = checked_indices(group_in, "group", "in", "num_groups", num_groups);
   const at::Tensor counts = counts_in.to(at::kLong).contiguous();
   at::Tensor grad_x = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "modality_centers_backward_cpu", [&] {

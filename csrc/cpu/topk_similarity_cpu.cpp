@@ -1,12 +1,13 @@
 // topk_similarity on CPU: for every row of x, the k rows of y of largest (or smallest) cosine
 // similarity and the row's extreme at the other end, without the N x M matrix. Tiles of dot
-// products come from the BLAS, are scaled by the inverse norms, and fold into one bounded heap
-// per row, kept in that row of the outputs; y = None visits each pair of row blocks once and
-// folds the tile into both blocks' rows.
+// products come from the BLAS (large rows scaled, see RowNorms), are scaled by the inverse norms,
+// and fold into one bounded heap per row, kept in that row of the outputs; y = None visits each
+// pair of row blocks once and folds the tile into both blocks' rows.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 #include <utility>
 
 #include "cpu/tiles_cpu.h"
@@ -18,8 +19,6 @@ namespace {
 // Columns per tile against another set: with up to 128 rows, 256 KiB of float32 dot products
 // that stay in L2 while they are folded.
 constexpr int64_t kColTile = 512;
-// Row blocks of x against itself: each BLAS call of 256 x 256 x D is large enough to be efficient.
-constexpr int64_t kSymmetricBlock = 256;
 
 // Running top-k of every row: row i's heap is values[i, :size[i]] / indices[i, :size[i]], its root
 // the entry that ranks last (the first to go), and `far` the running extreme at the other end
@@ -138,39 +137,26 @@ void fold_tile(RowTopK<scalar_t>& st, const scalar_t* s, int64_t i0, int64_t row
 template <typename scalar_t>
 void topk_impl(const at::Tensor& x, const at::Tensor& y, bool self, double eps, RowTopK<scalar_t>& st) {
   const int64_t n = x.size(0), m = y.size(0);
-  std::vector<scalar_t> inv_x, inv_y;
-  inverse_norms<scalar_t>(x, static_cast<scalar_t>(eps), inv_x, nullptr);
-  if (!self) inverse_norms<scalar_t>(y, static_cast<scalar_t>(eps), inv_y, nullptr);
-  const std::vector<scalar_t>& inv_b = self ? inv_x : inv_y;
+  const RowNorms<scalar_t> nx(x, static_cast<scalar_t>(eps));
+  const std::optional<RowNorms<scalar_t>> ny =
+      self ? std::nullopt : std::make_optional<RowNorms<scalar_t>>(y, static_cast<scalar_t>(eps));
+  const RowNorms<scalar_t>& nb = self ? nx : *ny;
   const int64_t block = self ? kSymmetricBlock : anchor_block(n), cols_max = self ? kSymmetricBlock : kColTile;
   // One scratch tile per worker thread.
   std::vector<at::Tensor> scratch(at::get_num_threads());
-  auto visit = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols, bool mirrored) {
+  auto visit = [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
     at::Tensor& buf = scratch[at::get_thread_num()];
     if (!buf.defined()) buf = at::empty({block * cols_max}, x.options());
-    scalar_t* s = tile_dots(buf, x, i0, rows, y, j0, cols).template data_ptr<scalar_t>();
-    scale_tile(s, rows, cols, inv_x.data() + i0, inv_b.data() + j0);
-    fold_tile(st, s, i0, rows, j0, cols, mirrored);
+    scalar_t* s = tile_dots(buf, nx.rows, i0, rows, nb.rows, j0, cols).template data_ptr<scalar_t>();
+    scale_tile(s, rows, cols, nx.inv.data() + i0, nb.inv.data() + j0);
+    // Against itself, a block pair above the diagonal also serves the rows of its second block.
+    fold_tile(st, s, i0, rows, j0, cols, self && i0 != j0);
   };
   if (self) {
-    // Each block pair once; a round's pairs touch distinct blocks, so they run in parallel.
-    const int64_t nb = (n + block - 1) / block;
-    for (const auto& round : tile_pair_rounds(nb)) {
-      parallel_over(static_cast<int64_t>(round.size()), [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t i0 = round[t].first * block, j0 = round[t].second * block;
-          visit(i0, std::min(block, n - i0), j0, std::min(block, n - j0), i0 != j0);
-        }
-      });
-    }
-    return;
+    for_each_block_pair(n, visit);
+  } else {
+    for_each_row_tile(n, block, m, kColTile, visit);
   }
-  parallel_over((n + block - 1) / block, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t i0 = b * block, rows = std::min(block, n - i0);
-      for (int64_t j0 = 0; j0 < m; j0 += kColTile) visit(i0, rows, j0, std::min(kColTile, m - j0), false);
-    }
-  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_similarity_cpu(const at::Tensor& x_in,

@@ -6,6 +6,8 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
+#include <ATen/ops/square.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_glue.h"
@@ -17,6 +19,35 @@ namespace {
 
 // Splits of the forward's reference range; their partial results are 2 x N pairs each.
 constexpr int kMaxSplits = 64;
+
+// A large batch: the dot products of the anchors with a chunk of references at a time from cuBLAS
+// (the normalized rows for the cosine metric, the raw ones with their squared norms otherwise),
+// into a buffer of n x chunk floats, each chunk folded into the running hardest pairs.
+void chunked_forward(const at::Tensor& x, BatchHardForwardParams& p) {
+  const int64_t n = p.n, d = p.d;
+  const auto stream = current_stream();
+  const auto float_options = x.options().dtype(at::kFloat);
+  const bool cosine = p.metric == kMetricCosine;
+  at::Tensor rows = x, sq;
+  if (cosine) {
+    rows = at::empty_like(x);
+    check_launch(launch_normalized_rows(p.kind, x.data_ptr(), n, d, norm_eps<float>(), p.inv, nullptr, rows.data_ptr(),
+                                        true, stream));
+  } else {
+    check_launch(launch_row_norms(p.kind, x.data_ptr(), n, d, norm_eps<float>(), p.inv, nullptr, stream));
+    sq = x.to(at::kFloat).square().sum(1);
+  }
+  const int64_t cols = chunk_references(n, n, d, x.element_size());
+  at::Tensor dots_buffer = at::empty({n * cols}, float_options);
+  for (int64_t j0 = 0; j0 < n; j0 += cols) {
+    const int64_t count = std::min(cols, n - j0);
+    at::Tensor dots = dots_buffer.narrow(0, 0, n * count).view({n, count});
+    products_into(dots, rows, rows.narrow(0, j0, count));
+    check_launch(launch_batch_hard_chunk(p, BatchHardChunk{dots.data_ptr<float>(), j0, count, j0 == 0},
+                                         cosine ? nullptr : sq.data_ptr<float>(), stream));
+  }
+  check_launch(launch_batch_hard_chunk_finish(p, stream));
+}
 
 // The per-anchor forward: loss, validity, hardest pairs and their distances.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
@@ -31,12 +62,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor neg_idx = at::empty({n}, long_options);
   at::Tensor dist_ap = at::empty({n}, float_options);
   at::Tensor dist_an = at::empty({n}, float_options);
-  const int splits = column_splits(n, n, x.get_device(), kMaxSplits);
-  at::Tensor partial_dist = splits > 1 ? at::empty({splits, 2, n}, float_options) : at::Tensor();
-  at::Tensor partial_idx = splits > 1 ? at::empty({splits, 2, n}, long_options) : at::Tensor();
+  at::Tensor inv = at::empty({n}, float_options);
+  // Large batches take cuBLAS products chunk by chunk (use_cublas_products), whose running hardest
+  // pairs live in one "split"; batch-sized ones the tile kernels, their reference range split.
+  const bool chunked = use_cublas_products(n, n, x.size(1), kind);
+  const int splits = chunked ? 1 : column_splits(n, n, x.get_device(), kMaxSplits);
+  const bool partials = chunked || splits > 1;
+  at::Tensor partial_dist = partials ? at::empty({splits, 2, n}, float_options) : at::Tensor();
+  at::Tensor partial_idx = partials ? at::empty({splits, 2, n}, long_options) : at::Tensor();
   BatchHardForwardParams p{};
   p.x = x.data_ptr();
   p.labels = labels.data_ptr<int64_t>();
+  p.inv = inv.data_ptr<float>();
   p.n = n;
   p.d = x.size(1);
   p.metric = static_cast<int>(metric);
@@ -49,10 +86,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.neg_idx = neg_idx.data_ptr<int64_t>();
   p.dist_ap = dist_ap.data_ptr<float>();
   p.dist_an = dist_an.data_ptr<float>();
-  p.partial_dist = splits > 1 ? partial_dist.data_ptr<float>() : nullptr;
-  p.partial_idx = splits > 1 ? partial_idx.data_ptr<int64_t>() : nullptr;
+  p.partial_dist = partials ? partial_dist.data_ptr<float>() : nullptr;
+  p.partial_idx = partials ? partial_idx.data_ptr<int64_t>() : nullptr;
   p.splits = splits;
-  check_launch(launch_batch_hard_forward(p, current_stream()));
+  if (chunked) {
+    chunked_forward(x, p);
+  } else {
+    check_launch(launch_batch_hard_forward(p, current_stream()));
+  }
   return {loss, valid, pos_idx, neg_idx, dist_ap, dist_an};
 }
 

@@ -1,6 +1,8 @@
 // cosine_similarity on CUDA: checks, device guard and launch on the current stream.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_glue.h"
@@ -15,14 +17,34 @@ void check_cosine(const at::Tensor& x, const c10::optional<at::Tensor>& y, doubl
   scalar_kind(x, "x");
 }
 
+// v's rows normalized (launch_normalized_rows), in v's dtype or float32.
+at::Tensor normalized(const at::Tensor& v, float eps, ScalarKind kind, bool same_dtype) {
+  const int64_t rows = v.size(0), d = v.size(1);
+  at::Tensor out = at::empty({rows, d}, same_dtype ? v.options() : v.options().dtype(at::kFloat));
+  at::Tensor inv = at::empty({rows}, v.options().dtype(at::kFloat));
+  check_launch(launch_normalized_rows(kind, v.data_ptr(), rows, d, eps, inv.data_ptr<float>(), nullptr,
+                                      out.data_ptr(), same_dtype, current_stream()));
+  return out;
+}
+
 at::Tensor cosine_similarity_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, double eps) {
   check_cosine(x_in, y_in, eps);
   const DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = y_in.has_value() ? y_in->contiguous() : x;
+  const bool self = !y_in.has_value();
+  const ScalarKind kind = scalar_kind(x, "x");
+  if (use_cublas_products(x.size(0), y.size(0), x.size(1), kind)) {  // S = xn @ yn^T by cuBLAS
+    const float e = static_cast<float>(eps);
+    const at::Tensor xn = normalized(x, e, kind, true), yn = self ? xn : normalized(y, e, kind, true);
+    return at::mm(xn, yn.t());
+  }
   at::Tensor out = at::empty({x.size(0), y.size(0)}, x.options());
-  const CosineForwardParams params{x.data_ptr(), y.data_ptr(), out.data_ptr(), x.size(0), y.size(0), x.size(1),
-                                   static_cast<float>(eps), scalar_kind(x, "x")};
+  at::Tensor inv = at::empty({x.size(0) + (self ? 0 : y.size(0))}, x.options().dtype(at::kFloat));
+  float* inv_x = inv.data_ptr<float>();
+  const CosineForwardParams params{x.data_ptr(), y.data_ptr(),     out.data_ptr(), inv_x,
+                                   self ? inv_x : inv_x + x.size(0), x.size(0),       y.size(0), x.size(1),
+                                   static_cast<float>(eps),          scalar_kind(x, "x")};
   check_launch(launch_cosine_forward(params, current_stream()));
   return out;
 }
@@ -47,13 +69,26 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cuda(const at::Ten
   float* product = norms + 3 * most;
   const auto stream = current_stream();
   // Row side: c = G (+ G^T for y = x, whose gradient collects both sides).
-  const CosineBackwardParams rows{grad.data_ptr<float>(), m, 1, self, x.data_ptr(), y.data_ptr(), grad_x.data_ptr(),
-                                  norms, norms + n, norms + 2 * n, product, n, m, d, static_cast<float>(eps), kind};
+  // Large problems take p = c @ bn from cuBLAS (float32 normalized rows), batch-sized ones the product kernel.
+  const bool cublas = use_cublas_products(n, m, d, kind);
+  auto product_of = [&](const at::Tensor& c, const at::Tensor& b) {
+    if (!cublas) return false;
+    at::Tensor out = scratch.narrow(0, 3 * most, c.size(0) * d).view({c.size(0), d});
+    at::mm_out(out, c, normalized(b, static_cast<float>(eps), kind, false));
+    return true;
+  };
+  const bool rows_given = product_of(self ? grad.add(grad.t()) : grad, y);
+  const CosineBackwardParams rows{grad.data_ptr<float>(), m,   1,           self,           x.data_ptr(),
+                                  y.data_ptr(),           grad_x.data_ptr(), norms,        norms + n,
+                                  norms + 2 * n,          product,     rows_given,     n,
+                                  m,                      d,           static_cast<float>(eps), kind};
   check_launch(launch_cosine_backward(rows, stream));
   if (!self) {  // stream order: the column side reuses the scratch after the row side is done with it
-    const CosineBackwardParams cols{grad.data_ptr<float>(), 1, m, false, y.data_ptr(), x.data_ptr(),
-                                    grad_y.data_ptr(), norms, norms + m, norms + 2 * m, product, m, n, d,
-                                    static_cast<float>(eps), kind};
+    const bool cols_given = product_of(grad.t(), x);
+    const CosineBackwardParams cols{grad.data_ptr<float>(), 1,   m,           false,          y.data_ptr(),
+                                    x.data_ptr(),           grad_y.data_ptr(), norms,       norms + m,
+                                    norms + 2 * m,          product,     cols_given,     m,
+                                    n,                      d,           static_cast<float>(eps), kind};
     check_launch(launch_cosine_backward(cols, stream));
   }
   return {grad_x, grad_y};

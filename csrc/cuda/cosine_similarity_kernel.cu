@@ -1,10 +1,10 @@
 // cosine_similarity CUDA kernels.
 //
-// Forward: one 64 x 64 output tile per block, dot products of the raw features
-// with the norms taken from the same shared-memory tiles, normalized in the
-// epilogue (no normalized copies). Backward, per side: p_i = sum_j c_ij bn_j
-// with one block per 64 rows x 64 feature columns streaming 64-column tiles of
-// c, then the normalization Jacobian grad_a[i] = inv_a[i] (p_i - an_i (an_i . p_i))
+// Forward: the rows' norms (one warp per row, without overflow), then one 64 x 64
+// output tile per block of dot products of the rows normalized as they are loaded
+// (no normalized copies). Backward, per side: p_i = sum_j c_ij bn_j with one block
+// per 64 rows x 64 feature columns streaming 64-column tiles of c, then the
+// normalization Jacobian grad_a[i] = inv_a[i] p_i - radial_a[i] an_i (an_i . p_i),
 // one warp per row (the radial term needs no S).
 #include "cuda/device.cuh"
 
@@ -18,17 +18,17 @@ __global__ void __launch_bounds__(kThreads) cosine_forward_kernel(const CosineFo
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile, j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   float acc[kMicro][kMicro];
-  tile_dots(static_cast<const T*>(p.x), p.n, i0, static_cast<const T*>(p.y), p.m, j0, p.d, tile, acc);
+  tile_dots(static_cast<const T*>(p.x), p.inv_x, p.n, i0, static_cast<const T*>(p.y), p.inv_y, p.m, j0, p.d, tile,
+            acc);
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int u = 0; u < kMicro; ++u) {
     const int64_t i = i0 + ty * kMicro + u;
     if (i >= p.n) continue;
-    const float inv_i = inverse_norm(tile.sq_a[ty * kMicro + u], p.eps);
 #pragma unroll
     for (int v = 0; v < kMicro; ++v) {
       const int64_t j = j0 + tx * kMicro + v;
-      if (j < p.m) store_float(out + i * p.m + j, acc[u][v] * inv_i * inverse_norm(tile.sq_b[tx * kMicro + v], p.eps));
+      if (j < p.m) store_float(out + i * p.m + j, acc[u][v]);
     }
   }
 }
@@ -49,10 +49,10 @@ __global__ void __launch_bounds__(kThreads) cosine_backward_product_kernel(const
       if (i < p.rows && j < p.cols) {
         value = p.grad[i * p.row_stride + j * p.col_stride];
         if (p.add_transpose) value += p.grad[j * p.row_stride + i * p.col_stride];
-        value *= p.inv_b[j];
       }
       coef[r][c] = value;
-      b_chunk[r][c] = (j0 + r < p.cols && k0 + c < p.d) ? load_float(b + (j0 + r) * p.d + k0 + c) : 0.f;
+      b_chunk[r][c] =
+          (j0 + r < p.cols && k0 + c < p.d) ? load_float(b + (j0 + r) * p.d + k0 + c) * p.inv_b[j0 + r] : 0.f;
     }
     __syncthreads();
     for (int c = 0; c < kTile; ++c) {
@@ -80,26 +80,26 @@ __global__ void __launch_bounds__(kThreads) cosine_backward_product_kernel(const
   }
 }
 
-// grad_a[i] = inv_a[i] * p_i - a_i * radial_a[i] * inv_a[i] * (a_i . p_i); one warp per row.
+// grad_a[i] = inv_a[i] * p_i - radial_a[i] * (an_i . p_i) * an_i, an_i = a_i * inv_a[i]; one warp per row.
 template <typename T>
 __global__ void cosine_backward_finish_kernel(const CosineBackwardParams p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerRowBlock + threadIdx.x / kWarp;
   if (i >= p.rows) return;  // whole warps leave together
   const int lane = threadIdx.x % kWarp;
-  const T* a = static_cast<const T*>(p.a);
+  const T* a = static_cast<const T*>(p.a) + i * p.d;
   const float* prod = p.product + i * p.d;
+  const float inv = p.inv_a[i];
   float dot = 0.f;
-  for (int64_t k = lane; k < p.d; k += kWarp) dot = fmaf(load_float(a + i * p.d + k), prod[k], dot);
-  dot = warp_sum(dot);
-  const float scale = p.inv_a[i], shrink = p.radial_a[i] * p.inv_a[i] * dot;
-  T* grad = static_cast<T*>(p.grad_a);
-  for (int64_t k = lane; k < p.d; k += kWarp) {
-    store_float(grad + i * p.d + k, scale * prod[k] - shrink * load_float(a + i * p.d + k));
-  }
+  for (int64_t k = lane; k < p.d; k += kWarp) dot = fmaf(load_float(a + k) * inv, prod[k], dot);
+  const float shrink = p.radial_a[i] * warp_sum(dot);
+  T* grad = static_cast<T*>(p.grad_a) + i * p.d;
+  for (int64_t k = lane; k < p.d; k += kWarp) store_float(grad + k, inv * prod[k] - shrink * load_float(a + k) * inv);
 }
 
 template <typename T>
 cudaError_t forward_typed(const CosineForwardParams& p, cudaStream_t stream) {
+  launch_row_norms<T>(p.x, p.n, p.d, p.eps, p.inv_x, nullptr, stream);
+  if (p.inv_y != p.inv_x) launch_row_norms<T>(p.y, p.m, p.d, p.eps, p.inv_y, nullptr, stream);
   const dim3 grid(blocks_for(p.m, kTile), blocks_for(p.n, kTile));
   REID_EXT_LAUNCH(cosine_forward_kernel<T>, grid, kThreads, 0, stream, p);
   return cudaGetLastError();
@@ -108,9 +108,11 @@ cudaError_t forward_typed(const CosineForwardParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t backward_typed(const CosineBackwardParams& p, cudaStream_t stream) {
   launch_row_norms<T>(p.a, p.rows, p.d, p.eps, p.inv_a, p.radial_a, stream);
-  launch_row_norms<T>(p.b, p.cols, p.d, p.eps, p.inv_b, nullptr, stream);
-  const dim3 grid(blocks_for(p.d, kTile), blocks_for(p.rows, kTile));
-  REID_EXT_LAUNCH(cosine_backward_product_kernel<T>, grid, kThreads, 0, stream, p);
+  if (!p.product_given) {
+    launch_row_norms<T>(p.b, p.cols, p.d, p.eps, p.inv_b, nullptr, stream);
+    const dim3 grid(blocks_for(p.d, kTile), blocks_for(p.rows, kTile));
+    REID_EXT_LAUNCH(cosine_backward_product_kernel<T>, grid, kThreads, 0, stream, p);
+  }
   REID_EXT_LAUNCH(cosine_backward_finish_kernel<T>, blocks_for(p.rows, kWarpsPerRowBlock), kRowThreads, 0, stream, p);
   return cudaGetLastError();
 }

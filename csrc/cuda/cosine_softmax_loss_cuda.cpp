@@ -15,13 +15,13 @@ namespace cuda {
 namespace {
 
 struct Prepared {
-  at::Tensor x, weight, labels, x_float, weight_float, dots, norms;
+  at::Tensor x, weight, labels, xn, wn, norms, cos;
   CosineSoftmaxParams params;
 };
 
-// Contiguous inputs, their float32 versions (the same tensors for float32 inputs), the dot
-// products x @ weight^T in float32 (a half-precision product would round every cosine to
-// half precision) and the float32 scratch for the norms.
+// Contiguous inputs, their normalized rows in float32 with their RowNorms (a half-precision
+// product would round every cosine to half precision; normalized rows cannot overflow), and the
+// cosines xn @ wn^T from cuBLAS.
 Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& labels_in, double scale,
                  double margin, double label_smoothing) {
   const ScalarKind kind = scalar_kind(x_in, "x");
@@ -29,27 +29,37 @@ Prepared prepare(const at::Tensor& x_in, const at::Tensor& weight_in, const at::
   pr.x = x_in.contiguous();
   pr.weight = weight_in.contiguous();
   pr.labels = labels_in.to(at::kLong).contiguous();
-  pr.x_float = pr.x.to(at::kFloat);
-  pr.weight_float = pr.weight.to(at::kFloat);
-  pr.dots = at::mm(pr.x_float, pr.weight_float.t());
-  const int64_t n = pr.x.size(0), c = pr.weight.size(0);
-  pr.norms = at::empty({2 * (n + c)}, pr.x.options().dtype(at::kFloat));
+  const int64_t n = pr.x.size(0), c = pr.weight.size(0), d = pr.x.size(1);
+  const auto float_options = pr.x.options().dtype(at::kFloat);
+  pr.xn = at::empty({n, d}, float_options);
+  pr.wn = at::empty({c, d}, float_options);
+  pr.norms = at::empty({2 * (n + c)}, float_options);
+  float* inv_x = pr.norms.data_ptr<float>();
+  float* radial_x = inv_x + n;
+  float* inv_w = inv_x + 2 * n;
+  float* radial_w = inv_w + c;
+  const auto stream = current_stream();
+  check_launch(launch_normalized_rows(kind, pr.x.data_ptr(), n, d, norm_eps<float>(), inv_x, radial_x,
+                                      pr.xn.data_ptr(), false, stream));
+  check_launch(launch_normalized_rows(kind, pr.weight.data_ptr(), c, d, norm_eps<float>(), inv_w, radial_w,
+                                      pr.wn.data_ptr(), false, stream));
+  pr.cos = at::mm(pr.xn, pr.wn.t());
   CosineSoftmaxParams& p = pr.params;
-  p.x = pr.x.data_ptr();
-  p.weight = pr.weight.data_ptr();
-  p.dots = pr.dots.data_ptr<float>();
+  p.xn = pr.xn.data_ptr<float>();
+  p.wn = pr.wn.data_ptr<float>();
+  p.inv_x = inv_x;
+  p.radial_x = radial_x;
+  p.inv_w = inv_w;
+  p.radial_w = radial_w;
+  p.cos = pr.cos.data_ptr<float>();
   p.labels = pr.labels.data_ptr<int64_t>();
   p.n = n;
   p.c = c;
-  p.d = pr.x.size(1);
+  p.d = d;
   p.scale = static_cast<float>(scale);
   p.margin = static_cast<float>(margin);
   p.smoothing = static_cast<float>(label_smoothing);
   p.kind = kind;
-  p.inv_x = pr.norms.data_ptr<float>();
-  p.radial_x = p.inv_x + n;
-  p.inv_w = p.inv_x + 2 * n;
-  p.radial_w = p.inv_w + c;
   return pr;
 }
 
@@ -71,13 +81,13 @@ std::tuple<at::Tensor, at::Tensor> backward(const Prepared& pr, const at::Tensor
                                                   want_weight ? col_sum.data_ptr<float>() : nullptr, stream));
   at::Tensor grad_x = no_gradient(pr.x), grad_w = no_gradient(pr.x);
   if (want_x) {
-    const at::Tensor acc = at::mm(coef, pr.weight_float);
+    const at::Tensor acc = at::mm(coef, pr.wn);
     grad_x = at::empty_like(pr.x);
     check_launch(launch_cosine_softmax_finish(p, true, acc.data_ptr<float>(), row_sum.data_ptr<float>(),
                                               grad_x.data_ptr(), stream));
   }
   if (want_weight) {
-    const at::Tensor acc = at::mm(coef.t(), pr.x_float);
+    const at::Tensor acc = at::mm(coef.t(), pr.xn);
     grad_w = at::empty_like(pr.weight);
     check_launch(launch_cosine_softmax_finish(p, false, acc.data_ptr<float>(), col_sum.data_ptr<float>(),
                                               grad_w.data_ptr(), stream));

@@ -28,6 +28,8 @@ constexpr int kTileK = 16;    // depth of one shared-memory stage
 constexpr int kThreads = 256;  // 16 x 16 threads, each owning 4 rows x 4 columns of a tile
 constexpr int kMicro = 4;
 
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
 inline int blocks_for(int64_t count, int per_block) { return static_cast<int>((count + per_block - 1) / per_block); }
 
 template <typename T>
@@ -55,15 +57,18 @@ struct DotTile {
   float sq_b[kTile];  // and of its b rows
 };
 
-// acc[u][v] = <a[a0 + 4*ty + u], b[b0 + 4*tx + v]> (FP32 accumulation), with
-// tx = threadIdx.x % 16, ty = threadIdx.x / 16; rows past the end read as zero.
-// Also leaves the squared norms of the 64 a rows and 64 b rows in t.sq_a / t.sq_b,
-// so no kernel needs a separate pass over the features for their norms.
+// acc[u][v] = <a_i, b_j> for i = a0 + 4*ty + u, j = b0 + 4*tx + v (FP32 accumulation), with
+// tx = threadIdx.x % 16, ty = threadIdx.x / 16; rows past the end read as zero. With row scales
+// (scale_a, scale_b not null) every row is multiplied by its scale as it is loaded: with the rows'
+// inverse norms, acc holds the cosine similarities of the normalized rows, which cannot overflow
+// whatever the features' magnitude. Also leaves the squared norms of the 64 a rows and 64 b rows
+// as loaded in t.sq_a / t.sq_b (the euclidean distances use them).
 // Every thread of the block must call it (it synchronises).
 template <typename T>
-__device__ __forceinline__ void tile_dots(const T* __restrict__ a, int64_t a_rows, int64_t a0,
-                                          const T* __restrict__ b, int64_t b_rows, int64_t b0, int64_t d,
-                                          DotTile& t, float acc[kMicro][kMicro]) {
+__device__ __forceinline__ void tile_dots(const T* __restrict__ a, const float* __restrict__ scale_a, int64_t a_rows,
+                                          int64_t a0, const T* __restrict__ b, const float* __restrict__ scale_b,
+                                          int64_t b_rows, int64_t b0, int64_t d, DotTile& t,
+                                          float acc[kMicro][kMicro]) {
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
 #pragma unroll
   for (int u = 0; u < kMicro; ++u)
@@ -74,8 +79,8 @@ __device__ __forceinline__ void tile_dots(const T* __restrict__ a, int64_t a_row
     for (int l = tid; l < kTile * kTileK; l += kThreads) {
       const int r = l / kTileK, k = l % kTileK;
       const int64_t kk = k0 + k, ra = a0 + r, rb = b0 + r;
-      t.a[k][r] = (ra < a_rows && kk < d) ? load_float(a + ra * d + kk) : 0.f;
-      t.b[k][r] = (rb < b_rows && kk < d) ? load_float(b + rb * d + kk) : 0.f;
+      t.a[k][r] = (ra < a_rows && kk < d) ? load_float(a + ra * d + kk) * (scale_a ? scale_a[ra] : 1.f) : 0.f;
+      t.b[k][r] = (rb < b_rows && kk < d) ? load_float(b + rb * d + kk) * (scale_b ? scale_b[rb] : 1.f) : 0.f;
     }
     __syncthreads();
     if (tid < kTile) {
@@ -115,25 +120,58 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// inv[r] = 1 / max(|v_r|, eps) and, unless radial is null, radial[r] = inv[r]^2 where
-// |v_r| > eps else 0 (the normalization's Jacobian has no radial part under the clamp).
-// One warp per row.
+// Maximum over a warp; every lane ends with it.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ bool warp_any(bool v) { return __any_sync(0xffffffffu, v); }
+
+// The normalization of one row: inv = 1 / max(|v|, eps), and radial = inv where |v| > eps, else 0
+// (the clamp leaves the normalization no radial part): d(v inv)/dv applied to g is
+// inv * g - radial * vn (vn . g), with vn = v * inv the normalized row.
+struct RowNorm {
+  float inv, radial;
+};
+
+// The RowNorm of row v[0, d), computed by the calling warp (every lane gets it) without overflow:
+// the sum of squares runs over the row scaled by row_scale (common.h). A NaN anywhere gives NaN.
+template <typename T>
+__device__ __forceinline__ RowNorm warp_row_norm(const T* __restrict__ v, int64_t d, float eps) {
+  const int lane = threadIdx.x % kWarp;
+  float max_abs = 0.f;
+  bool nan = false;
+  for (int64_t k = lane; k < d; k += kWarp) {
+    const float value = load_float(v + k);
+    max_abs = fmaxf(max_abs, fabsf(value));  // fmaxf drops a NaN: `nan` keeps it
+    nan |= value != value;
+  }
+  max_abs = warp_max(max_abs);
+  if (warp_any(nan)) return RowNorm{quiet_nan(), quiet_nan()};
+  const float scale = row_scale(max_abs);
+  float sq = 0.f;
+  for (int64_t k = lane; k < d; k += kWarp) {
+    const float value = load_float(v + k) * scale;
+    sq = fmaf(value, value, sq);
+  }
+  const float scaled_norm = sqrtf(warp_sum(sq));  // |v| * scale
+  if (!(scaled_norm > eps * scale)) return RowNorm{1.f / eps, 0.f};
+  const float inv = scale / scaled_norm;
+  return RowNorm{inv, inv};
+}
+
+// inv[r] and, unless radial is null, radial[r] of every row (RowNorm). One warp per row.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     row_norms_kernel(const T* __restrict__ v, int64_t rows, int64_t d, float eps, float* inv, float* radial) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerRowBlock + threadIdx.x / kWarp;
   if (r >= rows) return;  // whole warps leave together
-  const int lane = threadIdx.x % kWarp;
-  float sq = 0.f;
-  for (int64_t k = lane; k < d; k += kWarp) {
-    const float value = load_float(v + r * d + k);
-    sq = fmaf(value, value, sq);
-  }
-  sq = warp_sum(sq);
-  if (lane == 0) {
-    const float inverse = inverse_norm(sq, eps);
-    inv[r] = inverse;
-    if (radial) radial[r] = sqrtf(sq) > eps ? inverse * inverse : 0.f;
+  const RowNorm norm = warp_row_norm(v + r * d, d, eps);
+  if (threadIdx.x % kWarp == 0) {
+    inv[r] = norm.inv;
+    if (radial) radial[r] = norm.radial;
   }
 }
 
@@ -180,7 +218,6 @@ __device__ __forceinline__ void row_lanes_merge(OnlineLSE<float>& s) {
   }
 }
 
-__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
 // Sum over a block of kRowThreads threads: warps in a fixed butterfly, then the warp totals in
 // warp order. Every thread must call it; every thread gets the total. `scratch` holds

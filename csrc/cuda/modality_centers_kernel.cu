@@ -32,8 +32,9 @@ __global__ void __launch_bounds__(kColumnThreads)
   store_float(centers + g * p.d + k, count > 0 ? sum / static_cast<float>(count) : 0.f);
 }
 
-// grad_x[i] = (inv * v - radial * inv * <x_i, v> * x_i) / count with v = grad_centers[group[i]]
-// (just v / count without normalize). One warp per row.
+// grad_x[i] = (inv * v - radial * <xn_i, v> * xn_i) / count with v = grad_centers[group[i]] and
+// xn_i = x_i * inv the normalized row (RowNorm in device.cuh); just v / count without normalize.
+// One warp per row.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     centers_backward_kernel(const CentersParams p, const float* __restrict__ grad_centers, T* __restrict__ grad_x) {
@@ -54,18 +55,11 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int64_t k = lane; k < p.d; k += kWarp) store_float(out + k, share * v[k]);
     return;
   }
-  float sq = 0.f, dot = 0.f;
-  for (int64_t k = lane; k < p.d; k += kWarp) {
-    const float value = load_float(x + k);
-    sq = fmaf(value, value, sq);
-    dot = fmaf(value, v[k], dot);
-  }
-  sq = warp_sum(sq);
-  dot = warp_sum(dot);
-  const float inv = inverse_norm(sq, norm_eps<float>());
-  const float radial = sqrtf(sq) > norm_eps<float>() ? inv * inv : 0.f;
-  const float along = share * inv, shrink = share * radial * inv * dot;
-  for (int64_t k = lane; k < p.d; k += kWarp) store_float(out + k, along * v[k] - shrink * load_float(x + k));
+  const RowNorm norm = warp_row_norm(x, p.d, norm_eps<float>());
+  float dot = 0.f;
+  for (int64_t k = lane; k < p.d; k += kWarp) dot = fmaf(load_float(x + k) * norm.inv, v[k], dot);
+  const float along = share * norm.inv, shrink = share * norm.radial * warp_sum(dot);
+  for (int64_t k = lane; k < p.d; k += kWarp) store_float(out + k, along * v[k] - shrink * load_float(x + k) * norm.inv);
 }
 
 template <typename T>

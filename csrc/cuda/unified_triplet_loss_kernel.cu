@@ -1,49 +1,20 @@
 // unified_triplet_loss CUDA kernels.
 //
-// Forward: a block owns 64 anchors and streams 64-reference tiles past them:
-// dot products in shared memory with FP32 accumulation, then each thread folds
-// its 4 x 4 pairs into per-anchor online log-sum-exps. Large reference sets are
+// Forward: the rows' norms first (one warp per row, without overflow); then a
+// block owns 64 anchors and streams 64-reference tiles past them: dot products of
+// the rows normalized as they are loaded, in shared memory with FP32
+// accumulation, then each thread folds its 4 x 4 pairs into per-anchor online
+// log-sum-exps. Large reference sets are
 // split across blocks (grid.y), whose partial statistics a merge kernel combines
 // in a fixed order. Backward: the same tiles are recomputed, turned into
 // dL/dS with the saved statistics, and multiplied back by the other side's
 // features; per-split partial gradients are summed in a fixed order with the
 // normalization Jacobian applied. Nothing of size N x M is ever stored.
-#include "cuda/device.cuh"
+#include "cuda/unified.cuh"
 
 namespace reid_ext {
 namespace cuda {
 namespace {
-
-constexpr int kPartialFields = 5;  // max_neg, sum_neg, max_pos, sum_pos, pair flags (1 = neg, 2 = pos)
-
-struct PairRuleDevice {
-  const int64_t* labels;
-  const int64_t* modalities;
-  const int64_t* ref_labels;
-  const int64_t* ref_modalities;
-  int mode;
-  bool self_ref;
-
-  __device__ __forceinline__ int kind(int64_t anchor, int64_t reference) const {
-    return pair_kind(mode, self_ref && anchor == reference, labels[anchor], ref_labels[reference],
-                     modalities ? modalities[anchor] : 0, ref_modalities ? ref_modalities[reference] : 0);
-  }
-};
-
-__device__ __forceinline__ PairRuleDevice rule_of(const UnifiedProblem& pb) {
-  return PairRuleDevice{pb.labels, pb.modalities, pb.ref_labels, pb.ref_modalities, pb.mode, pb.self_ref};
-}
-
-template <typename T>
-__device__ __forceinline__ void write_anchor(const UnifiedForwardParams& out, int64_t i, const OnlineLSE<float>& neg,
-                                             const OnlineLSE<float>& pos, bool has_neg, bool has_pos) {
-  const float lse_neg = neg.value(), lse_pos = pos.value();
-  const bool valid = has_neg && has_pos;
-  out.lse_neg[i] = lse_neg;
-  out.lse_pos[i] = lse_pos;
-  out.valid[i] = valid;
-  store_float(static_cast<T*>(out.loss) + i, unified_anchor_loss(lse_neg, lse_pos, valid));
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -64,19 +35,18 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     const int64_t j0 = t * kTile;
     float acc[kMicro][kMicro];
-    tile_dots(x, pb.n, i0, ref, pb.m, j0, pb.d, tile, acc);
+    tile_dots(x, pb.inv_x, pb.n, i0, ref, pb.inv_ref, pb.m, j0, pb.d, tile, acc);
 #pragma unroll
     for (int u = 0; u < kMicro; ++u) {
       const int64_t i = i0 + ty * kMicro + u;
       if (i >= pb.n) continue;
-      const float inv_i = inverse_norm(tile.sq_a[ty * kMicro + u], norm_eps<float>());
 #pragma unroll
       for (int v = 0; v < kMicro; ++v) {
         const int64_t j = j0 + tx * kMicro + v;
         if (j >= pb.m) continue;
         const int kind = rule.kind(i, j);
         if (kind == 0) continue;
-        const float s = acc[u][v] * inv_i * inverse_norm(tile.sq_b[tx * kMicro + v], norm_eps<float>());
+        const float s = acc[u][v];
         if (kind < 0) {
           neg[u].push(pb.gamma * (s + pb.margin));
           has_neg[u] = true;
@@ -102,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = i0 + ty * kMicro + u;
     if (i >= pb.n) continue;
     if (out.splits == 1) {
-      write_anchor<T>(out, i, neg[u], pos[u], has_neg[u], has_pos[u]);
+      write_anchor<T>(pb, out, i, neg[u], pos[u], has_neg[u], has_pos[u]);
     } else {
       float* part = out.partial + static_cast<int64_t>(blockIdx.y) * kPartialFields * pb.n;
       part[0 * pb.n + i] = neg[u].max;
@@ -127,34 +97,21 @@ __global__ void unified_forward_merge_kernel(const UnifiedProblem pb, const Unif
     pos.merge(part[2 * pb.n + i], part[3 * pb.n + i]);
     flags |= static_cast<int>(part[4 * pb.n + i]);
   }
-  write_anchor<T>(out, i, neg, pos, (flags & 1) != 0, (flags & 2) != 0);
+  write_anchor<T>(pb, out, i, neg, pos, (flags & 1) != 0, (flags & 2) != 0);
 }
-
-struct AnchorStats {
-  const float* grad_loss;
-  const bool* valid;
-  const float* lse_neg;
-  const float* lse_pos;
-  float gamma, margin;
-
-  // dL/dS of (anchor, reference) at similarity s.
-  __device__ __forceinline__ float pair_grad(int kind, int64_t anchor, float s) const {
-    if (kind == 0) return 0.f;
-    const float weight = unified_anchor_weight(grad_loss[anchor], lse_neg[anchor], lse_pos[anchor], valid[anchor]);
-    return unified_pair_grad(kind, s, weight, lse_neg[anchor], lse_pos[anchor], gamma, margin);
-  }
-};
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     unified_backward_kernel(const UnifiedProblem pb, const UnifiedBackwardParams p) {
   __shared__ DotTile tile;
-  __shared__ float coef[kTile][kTile + 1];  // dL/dS_ij / max(|b_j|, eps) of the current tile
-  __shared__ float b_chunk[kTile][kTile];   // 64 b rows x 64 feature columns
+  __shared__ float coef[kTile][kTile + 1];  // dL/dS_ij of the current tile
+  __shared__ float b_chunk[kTile][kTile];   // 64 normalized b rows x 64 feature columns
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const bool anchors = p.rows_are_anchors;
   const T* a = static_cast<const T*>(anchors ? pb.x : pb.ref);
   const T* b = static_cast<const T*>(anchors ? pb.ref : pb.x);
+  const float* inv_a = anchors ? pb.inv_x : pb.inv_ref;
+  const float* inv_b = anchors ? pb.inv_ref : pb.inv_x;
   const int64_t rows = anchors ? pb.n : pb.m, cols = anchors ? pb.m : pb.n, d = pb.d;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t num_tiles = (cols + kTile - 1) / kTile;
@@ -169,7 +126,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = tile_begin; t < tile_end; ++t) {
     const int64_t j0 = t * kTile;
     float acc[kMicro][kMicro];
-    tile_dots(a, rows, i0, b, cols, j0, d, tile, acc);
+    tile_dots(a, inv_a, rows, i0, b, inv_b, cols, j0, d, tile, acc);
 #pragma unroll
     for (int u = 0; u < kMicro; ++u) {
       const int r = ty * kMicro + u;
@@ -180,8 +137,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t j = j0 + c;
         float value = 0.f;
         if (i < rows && j < cols) {
-          const float inv_j = inverse_norm(tile.sq_b[c], norm_eps<float>());
-          const float s = acc[u][v] * inverse_norm(tile.sq_a[r], norm_eps<float>()) * inv_j;
+          const float s = acc[u][v];
           float g;
           if (!anchors) {
             g = stats.pair_grad(rule.kind(j, i), j, s);
@@ -190,7 +146,7 @@ __global__ void __launch_bounds__(kThreads)
             // The batch against itself: S is symmetric, so x_i also receives dL/dS_ji.
             if (pb.self_ref) g += stats.pair_grad(rule.kind(j, i), j, s);
           }
-          value = g * inv_j;
+          value = g;
           radial[u] = fmaf(g, s, radial[u]);
         }
         coef[r][c] = value;
@@ -200,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int l = tid; l < kTile * kTile; l += kThreads) {
         const int c = l / kTile, k = l % kTile;
         const int64_t j = j0 + c, kk = d0 + k;
-        b_chunk[c][k] = (j < cols && kk < d) ? load_float(b + j * d + kk) : 0.f;
+        b_chunk[c][k] = (j < cols && kk < d) ? load_float(b + j * d + kk) * inv_b[j] : 0.f;
       }
       __syncthreads();  // coef and b_chunk complete
       float out[kMicro][kMicro] = {};
@@ -240,38 +196,36 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad[i] = inv_i * sum_s P[s, i] - a_i * radial_i * sum_s R[s, i], one block per row,
-// with the normalization Jacobian's radial part only where |a_i| > eps.
+// grad[i] = inv_i * sum_s P[s, i] - radial_i * (sum_s R[s, i]) * an_i with an_i = a_i * inv_i (the
+// normalization Jacobian, RowNorm in device.cuh), summed over the splits in a fixed order. One block per row.
 template <typename T>
 __global__ void unified_backward_finish_kernel(const UnifiedProblem pb, const UnifiedBackwardParams p) {
-  __shared__ float warp_sums[kThreads / 32];
   const int64_t i = blockIdx.x;
-  const T* a = static_cast<const T*>(p.rows_are_anchors ? pb.x : pb.ref);
-  const int64_t rows = p.rows_are_anchors ? pb.n : pb.m, d = pb.d;
-  float sq = 0.f;
-  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
-    const float v = load_float(a + i * d + k);
-    sq = fmaf(v, v, sq);
-  }
-  sq = warp_sum(sq);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sq;
-  __syncthreads();
-  float total_sq = 0.f;
-  for (int w = 0; w < kThreads / 32; ++w) total_sq += warp_sums[w];
-  const float inv = inverse_norm(total_sq, norm_eps<float>());
-  const float radial_scale = sqrtf(total_sq) > norm_eps<float>() ? inv * inv : 0.f;
+  const bool anchors = p.rows_are_anchors;
+  const T* a = static_cast<const T*>(anchors ? pb.x : pb.ref);
+  const int64_t rows = anchors ? pb.n : pb.m, d = pb.d;
+  const float inv = (anchors ? pb.inv_x : pb.inv_ref)[i];
+  const float radial_scale = (anchors ? pb.radial_x : pb.radial_ref)[i];
   float radial = 0.f;
   for (int s = 0; s < p.splits; ++s) radial += p.partial_radial[static_cast<int64_t>(s) * rows + i];
   T* grad = static_cast<T*>(p.grad);
   for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
     float sum = 0.f;
     for (int s = 0; s < p.splits; ++s) sum += p.partial_grad[(static_cast<int64_t>(s) * rows + i) * d + k];
-    store_float(grad + i * d + k, inv * sum - load_float(a + i * d + k) * radial_scale * radial);
+    store_float(grad + i * d + k, inv * sum - radial_scale * radial * load_float(a + i * d + k) * inv);
   }
+}
+
+// The RowNorms of x and ref, which every kernel below reads.
+template <typename T>
+void row_norms(const UnifiedProblem& pb, cudaStream_t stream) {
+  launch_row_norms<T>(pb.x, pb.n, pb.d, norm_eps<float>(), pb.inv_x, pb.radial_x, stream);
+  if (!pb.self_ref) launch_row_norms<T>(pb.ref, pb.m, pb.d, norm_eps<float>(), pb.inv_ref, pb.radial_ref, stream);
 }
 
 template <typename T>
 cudaError_t forward_typed(const UnifiedProblem& pb, const UnifiedForwardParams& p, cudaStream_t stream) {
+  row_norms<T>(pb, stream);
   const dim3 grid(blocks_for(pb.n, kTile), p.splits);
   REID_EXT_LAUNCH(unified_forward_kernel<T>, grid, kThreads, 0, stream, pb, p);
   if (p.splits > 1) REID_EXT_LAUNCH(unified_forward_merge_kernel<T>, blocks_for(pb.n, 256), 256, 0, stream, pb, p);
@@ -281,6 +235,7 @@ cudaError_t forward_typed(const UnifiedProblem& pb, const UnifiedForwardParams& 
 template <typename T>
 cudaError_t backward_typed(const UnifiedProblem& pb, const UnifiedBackwardParams& p, cudaStream_t stream) {
   const int64_t rows = p.rows_are_anchors ? pb.n : pb.m;
+  row_norms<T>(pb, stream);
   const dim3 grid(blocks_for(rows, kTile), p.splits);
   REID_EXT_LAUNCH(unified_backward_kernel<T>, grid, kThreads, 0, stream, pb, p);
   REID_EXT_LAUNCH(unified_backward_finish_kernel<T>, static_cast<unsigned>(rows), kThreads, 0, stream, pb, p);
