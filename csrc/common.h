@@ -164,24 +164,19 @@ HOST_DEVICE_INLINE acc_t inverse_norm(acc_t squared_norm, acc_t eps) {
 }
 
 // The loss of an anchor that has no positive or no negative: 0, unless a NaN reached it (NaN
-// features never vanish): its own feature row (a NaN squared norm) or a paired reference's (a NaN
-// statistic, here a and b: the log-sum-exps or the hardest distances).
+// features never vanish): its own feature row (row_stat: any statistic of that row that is NaN
+// when the row has a NaN, its squared norm on the CPU, its inverse norm on CUDA) or a paired
+// reference's (a NaN statistic, here a and b: the log-sum-exps or the hardest distances).
 template <typename acc_t>
-HOST_DEVICE_INLINE acc_t invalid_anchor_loss(acc_t a, acc_t b, acc_t squared_norm) {
-  return (a != a) | (b != b) | (squared_norm != squared_norm) ? quiet_nan<acc_t>() : acc_t(0);
+HOST_DEVICE_INLINE acc_t invalid_anchor_loss(acc_t a, acc_t b, acc_t row_stat) {
+  return (a != a) | (b != b) | (row_stat != row_stat) ? quiet_nan<acc_t>() : acc_t(0);
 }
 
 // The unified loss of one anchor from its two log-sum-exps: softplus(LSE_neg + LSE_pos) when it has
-// both a positive and a negative, else invalid_anchor_loss (squared_norm: the anchor's |x_i|^2).
+// both a positive and a negative, else invalid_anchor_loss (row_stat as there).
 template <typename acc_t>
-HOST_DEVICE_INLINE acc_t unified_anchor_loss(acc_t lse_neg, acc_t lse_pos, bool valid, acc_t squared_norm) {
-  return valid ? softplus(lse_neg + lse_pos) : invalid_anchor_loss(lse_neg, lse_pos, squared_norm);
-}
-
-// The same without the anchor's own norm: a NaN that reached a paired reference still shows.
-template <typename acc_t>
-HOST_DEVICE_INLINE acc_t unified_anchor_loss(acc_t lse_neg, acc_t lse_pos, bool valid) {
-  return unified_anchor_loss(lse_neg, lse_pos, valid, acc_t(0));
+HOST_DEVICE_INLINE acc_t unified_anchor_loss(acc_t lse_neg, acc_t lse_pos, bool valid, acc_t row_stat) {
+  return valid ? softplus(lse_neg + lse_pos) : invalid_anchor_loss(lse_neg, lse_pos, row_stat);
 }
 
 // The value a pair adds to its anchor's log-sum-exp: -gamma*S for a positive, gamma*(S + margin)
@@ -285,21 +280,15 @@ struct Hardest {
 
 // Loss of one anchor from its hardest pair distances: relu(d_ap - d_an + margin), or
 // softplus(d_ap - d_an) with the soft margin; invalid_anchor_loss without a positive or a negative
-// (squared_norm: the anchor's |x_i|^2).
+// (row_stat as there).
 template <typename acc_t>
 HOST_DEVICE_INLINE acc_t batch_hard_anchor_loss(acc_t d_ap, acc_t d_an, acc_t margin, bool soft, bool valid,
-                                                acc_t squared_norm) {
-  if (!valid) return invalid_anchor_loss(d_ap, d_an, squared_norm);
+                                                acc_t row_stat) {
+  if (!valid) return invalid_anchor_loss(d_ap, d_an, row_stat);
   const acc_t diff = d_ap - d_an;
   if (soft) return softplus(diff);
   const acc_t hinge = diff + margin;
   return hinge < acc_t(0) ? acc_t(0) : hinge;
-}
-
-// The same without the anchor's own norm: a NaN distance to a selected pair still shows.
-template <typename acc_t>
-HOST_DEVICE_INLINE acc_t batch_hard_anchor_loss(acc_t d_ap, acc_t d_an, acc_t margin, bool soft, bool valid) {
-  return batch_hard_anchor_loss(d_ap, d_an, margin, soft, valid, acc_t(0));
 }
 
 // grad * dL_i/d(d_ap), which is also -grad * dL_i/d(d_an). As torch.relu, no gradient at the kink.

@@ -19,13 +19,12 @@ namespace {
 
 constexpr int kBackwardThreads = 128;
 
-// An anchor's outputs; one whose row has a NaN gets a NaN loss even without a positive or a
-// negative (which would otherwise give 0): a NaN never vanishes.
+// An anchor's outputs; a NaN in its row or in a selected pair's distance gives a NaN loss even
+// without a positive or a negative (which would otherwise give 0): a NaN never vanishes.
 template <typename T>
 __device__ __forceinline__ void write_anchor(const BatchHardForwardParams& p, int64_t i, const Hardest<float>& pos,
                                              const Hardest<float>& neg) {
   const bool valid = pos.index >= 0 && neg.index >= 0;
-  const bool nan_row = p.inv[i] != p.inv[i];
   // An anchor without a positive (negative) has no such distance; 0 keeps the outputs finite.
   const float d_ap = pos.index >= 0 ? pos.dist : 0.f;
   const float d_an = neg.index >= 0 ? neg.dist : 0.f;
@@ -35,7 +34,7 @@ __device__ __forceinline__ void write_anchor(const BatchHardForwardParams& p, in
   p.dist_ap[i] = d_ap;
   p.dist_an[i] = d_an;
   store_float(static_cast<T*>(p.loss) + i,
-              nan_row ? quiet_nan() : batch_hard_anchor_loss(d_ap, d_an, p.margin, p.soft_margin, valid));
+              batch_hard_anchor_loss(d_ap, d_an, p.margin, p.soft_margin, valid, p.inv[i]));
 }
 
 // Merge over the 16 lanes (tx) that share a tile row; all 32 lanes of the warp must call it.

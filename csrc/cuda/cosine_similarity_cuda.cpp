@@ -17,16 +17,6 @@ void check_cosine(const at::Tensor& x, const c10::optional<at::Tensor>& y, doubl
   scalar_kind(x, "x");
 }
 
-// v's rows normalized (launch_normalized_rows), in v's dtype or float32.
-at::Tensor normalized(const at::Tensor& v, float eps, ScalarKind kind, bool same_dtype) {
-  const int64_t rows = v.size(0), d = v.size(1);
-  at::Tensor out = at::empty({rows, d}, same_dtype ? v.options() : v.options().dtype(at::kFloat));
-  at::Tensor inv = at::empty({rows}, v.options().dtype(at::kFloat));
-  check_launch(launch_normalized_rows(kind, v.data_ptr(), rows, d, eps, inv.data_ptr<float>(), nullptr,
-                                      out.data_ptr(), same_dtype, current_stream()));
-  return out;
-}
-
 at::Tensor cosine_similarity_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& y_in, double eps) {
   check_cosine(x_in, y_in, eps);
   const DeviceGuard guard(x_in.device());
@@ -36,7 +26,7 @@ at::Tensor cosine_similarity_cuda(const at::Tensor& x_in, const c10::optional<at
   const ScalarKind kind = scalar_kind(x, "x");
   if (use_cublas_products(x.size(0), y.size(0), x.size(1), kind)) {  // S = xn @ yn^T by cuBLAS
     const float e = static_cast<float>(eps);
-    const at::Tensor xn = normalized(x, e, kind, true), yn = self ? xn : normalized(y, e, kind, true);
+    const at::Tensor xn = normalized_rows(x, e, kind, true), yn = self ? xn : normalized_rows(y, e, kind, true);
     return at::mm(xn, yn.t());
   }
   at::Tensor out = at::empty({x.size(0), y.size(0)}, x.options());
@@ -74,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_backward_cuda(const at::Ten
   auto product_of = [&](const at::Tensor& c, const at::Tensor& b) {
     if (!cublas) return false;
     at::Tensor out = scratch.narrow(0, 3 * most, c.size(0) * d).view({c.size(0), d});
-    at::mm_out(out, c, normalized(b, static_cast<float>(eps), kind, false));
+    at::mm_out(out, c, normalized_rows(b, static_cast<float>(eps), kind, false));
     return true;
   };
   const bool rows_given = product_of(self ? grad.add(grad.t()) : grad, y);

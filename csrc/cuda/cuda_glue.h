@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
@@ -98,6 +99,25 @@ inline ScalarKind scalar_kind(const at::Tensor& t, const char* name) {
     case at::kBFloat16: return ScalarKind::kBFloat16;
     default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16 on CUDA, got ", t.scalar_type());
   }
+}
+
+// The inverse norms 1 / max(|v_r|, eps) of v's rows (launch_row_norms: without overflow, NaN for a
+// row with a NaN), float32 [rows].
+inline at::Tensor inverse_norms(const at::Tensor& v, float eps, ScalarKind kind) {
+  at::Tensor inv = at::empty({v.size(0)}, v.options().dtype(at::kFloat));
+  check_launch(launch_row_norms(kind, v.data_ptr(), v.size(0), v.size(1), eps, inv.data_ptr<float>(), nullptr,
+                                current_stream()));
+  return inv;
+}
+
+// v's rows normalized (launch_normalized_rows), in v's dtype or float32, for cuBLAS products.
+inline at::Tensor normalized_rows(const at::Tensor& v, float eps, ScalarKind kind, bool same_dtype) {
+  const int64_t rows = v.size(0), d = v.size(1);
+  at::Tensor out = at::empty({rows, d}, same_dtype ? v.options() : v.options().dtype(at::kFloat));
+  at::Tensor inv = at::empty({rows}, v.options().dtype(at::kFloat));
+  check_launch(launch_normalized_rows(kind, v.data_ptr(), rows, d, eps, inv.data_ptr<float>(), nullptr,
+                                      out.data_ptr(), same_dtype, current_stream()));
+  return out;
 }
 
 // ---- the path of an op: one place for its thresholds

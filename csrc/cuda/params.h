@@ -273,8 +273,9 @@ constexpr int kTopKFusedMax = 32;
 struct TopKParams {
   const void* x;  // [n, d]
   const void* y;  // [m, d] (x itself for y = None)
+  const float* inv_x;  // [n] inverse norms (launch_row_norms); the rows are normalized as they are loaded
+  const float* inv_y;  // [m]
   int64_t n, m, d, k;  // 1 <= k <= min(m, kTopKFusedMax)
-  float eps;
   bool largest;
   ScalarKind kind;
   void* values;      // [n, k], dtype of x, sorted

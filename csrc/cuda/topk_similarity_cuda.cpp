@@ -4,7 +4,6 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/maximum.h>
 #include <ATen/ops/minimum.h>
 #include <ATen/ops/mm.h>
@@ -31,24 +30,28 @@ constexpr int64_t kChunkCandidates = int64_t(1) << 20;
 // k go through products in chunks and sorts.
 bool use_fused_kernel(int64_t k) { return k <= kTopKFusedMax; }
 
-void topk_fused(const at::Tensor& x, const at::Tensor& y, int64_t k, bool largest, double eps, at::Tensor& values,
-                at::Tensor& indices, at::Tensor& far) {
+void topk_fused(const at::Tensor& x, const at::Tensor& y, bool same_rows, int64_t k, bool largest, double eps,
+                at::Tensor& values, at::Tensor& indices, at::Tensor& far) {
   const int64_t n = x.size(0), m = y.size(0);
   const int splits = column_splits(n, m, x.get_device(), kMaxSplits);
   const auto float_options = x.options().dtype(at::kFloat);
   at::Tensor partial_values = splits > 1 ? at::empty({splits, n, k}, float_options) : at::Tensor();
   at::Tensor partial_indices = splits > 1 ? at::empty({splits, n, k}, indices.options()) : at::Tensor();
   at::Tensor partial_far = splits > 1 ? at::empty({splits, n}, float_options) : at::Tensor();
+  const ScalarKind kind = scalar_kind(x, "x");
+  const at::Tensor inv_x = inverse_norms(x, static_cast<float>(eps), kind);
+  const at::Tensor inv_y = same_rows ? inv_x : inverse_norms(y, static_cast<float>(eps), kind);
   TopKParams p{};
   p.x = x.data_ptr();
   p.y = y.data_ptr();
+  p.inv_x = inv_x.data_ptr<float>();
+  p.inv_y = inv_y.data_ptr<float>();
   p.n = n;
   p.m = m;
   p.d = x.size(1);
   p.k = k;
-  p.eps = static_cast<float>(eps);
   p.largest = largest;
-  p.kind = scalar_kind(x, "x");
+  p.kind = kind;
   p.values = values.data_ptr();
   p.indices = indices.data_ptr<int64_t>();
   p.far = far.data_ptr();
@@ -60,29 +63,26 @@ void topk_fused(const at::Tensor& x, const at::Tensor& y, int64_t k, bool larges
 }
 
 // k > kTopKFusedMax. Per chunk of rows, the similarities of each chunk of columns come from one
-// at::mm of the float32 features (cuBLAS, with the tensor cores torch.matmul's precision allows),
-// scaled by the inverse norms in the fused kernel's order; the running best k of the rows followed
-// by the chunk's columns are then sorted stably, so that equal values keep increasing index order,
-// and torch.sort ranks NaN above every number: topk_before's order. Memory: the outputs and one
+// at::mm of the normalized rows in float32 (cuBLAS, with the tensor cores torch.matmul's precision
+// allows); the running best k of the rows followed by the chunk's columns are then sorted stably,
+// so that equal values keep increasing index order, and torch.sort ranks NaN above every number:
+// topk_before's order. Memory: the outputs and one
 // chunk of at most kChunkCandidates candidates (a row's k + columns where that is more), never N x M.
-void topk_by_chunks(const at::Tensor& x, const at::Tensor& y, int64_t k, bool largest, double eps,
+void topk_by_chunks(const at::Tensor& x, const at::Tensor& y, bool same_rows, int64_t k, bool largest, double eps,
                     at::Tensor& values, at::Tensor& indices, at::Tensor& far) {
   const int64_t n = x.size(0), m = y.size(0);
-  const at::Tensor xf = x.to(at::kFloat), yf = y.to(at::kFloat);
-  auto inverse_norms = [eps](const at::Tensor& t) {  // 1 / max(|t_r|, eps)
-    const int64_t dim = 1;
-    return at::linalg_vector_norm(t, 2, at::IntArrayRef(dim)).clamp_min_(eps).reciprocal_();
-  };
-  const at::Tensor inv_x = inverse_norms(xf), inv_y = inverse_norms(yf);
+  const ScalarKind kind = scalar_kind(x, "x");
+  const at::Tensor xn = normalized_rows(x, static_cast<float>(eps), kind, false);
+  const at::Tensor yn = same_rows ? xn : normalized_rows(y, static_cast<float>(eps), kind, false);
   const int64_t cols = std::min(m, std::max(kChunkColumns, k));
   const int64_t rows = std::max<int64_t>(1, std::min(n, kChunkCandidates / (k + cols)));
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
-    const at::Tensor xr = xf.narrow(0, r0, r), inv_r = inv_x.narrow(0, r0, r).unsqueeze(1);
+    const at::Tensor xr = xn.narrow(0, r0, r);
     at::Tensor best_values, best_indices, row_far;
     for (int64_t c0 = 0; c0 < m; c0 += cols) {
       const int64_t c = std::min(cols, m - c0);
-      at::Tensor sim = at::mm(xr, yf.narrow(0, c0, c).t()).mul_(inv_r).mul_(inv_y.narrow(0, c0, c).unsqueeze(0));
+      at::Tensor sim = at::mm(xr, yn.narrow(0, c0, c).t());
       const at::Tensor chunk_far = largest ? sim.amin(1) : sim.amax(1);  // NaN propagates
       row_far = !row_far.defined() ? chunk_far
                 : largest            ? at::minimum(row_far, chunk_far)
@@ -118,10 +118,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_similarity_cuda(const at::Te
   at::Tensor far = at::empty({n}, x.options());
   if (n == 0) return {values, indices, far};
   if (use_fused_kernel(k)) {
-    topk_fused(x, y, k, largest, eps, values, indices, far);
+    topk_fused(x, y, !y_in.has_value(), k, largest, eps, values, indices, far);
   } else {
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // the products are internal
-    topk_by_chunks(x, y, k, largest, eps, values, indices, far);
+    topk_by_chunks(x, y, !y_in.has_value(), k, largest, eps, values, indices, far);
   }
   return {values, indices, far};
 }

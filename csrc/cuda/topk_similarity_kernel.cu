@@ -1,7 +1,7 @@
 // topk_similarity CUDA kernels: the fused path (k <= kTopKFusedMax; the glue chooses).
 //
 // A block owns 64 anchor rows and streams 64-column tiles of y past them (tile_dots: FP32 dot
-// products and the squared norms in shared memory). Each tile's similarities, computed as
+// products of the rows normalized as they are loaded). Each tile's similarities, computed as
 // cosine_similarity's kernel computes them, go to shared memory, where thread r < 64 folds row r's
 // 64 values into that row's sorted list of its best k so far (in shared memory too: only thread r
 // touches it) and into its far extreme. Columns arrive in increasing index, so an equal value never
@@ -22,7 +22,7 @@ constexpr int kSimStride = kTile + 1;           // padding: thread r reads row r
 constexpr int kListStride = kTopKFusedMax + 1;  // and its list
 
 // The fused kernel's shared memory (about 41 KiB, under the 48 KiB of static shared memory): a
-// tile's dot products and norms, then in the same place its similarities, and the rows' lists.
+// tile's dot products, then in the same place its similarities, and the rows' lists.
 struct TopKShared {
   union {
     DotTile dots;
@@ -94,17 +94,11 @@ __global__ void __launch_bounds__(kThreads) topk_similarity_kernel(const TopKPar
   FarExtreme far(p.largest);
   for (int64_t j0 = col_begin; j0 < col_end; j0 += kTile) {
     float acc[kMicro][kMicro];
-    tile_dots(x, p.n, i0, y, p.m, j0, p.d, sm.tile.dots, acc);
-    float inv_i[kMicro], inv_j[kMicro];
-#pragma unroll
-    for (int u = 0; u < kMicro; ++u) inv_i[u] = inverse_norm(sm.tile.dots.sq_a[ty * kMicro + u], p.eps);
-#pragma unroll
-    for (int v = 0; v < kMicro; ++v) inv_j[v] = inverse_norm(sm.tile.dots.sq_b[tx * kMicro + v], p.eps);
-    __syncthreads();  // every norm is read: the similarities overwrite the tile
+    tile_dots(x, p.inv_x, p.n, i0, y, p.inv_y, p.m, j0, p.d, sm.tile.dots, acc);  // ends synchronised
 #pragma unroll
     for (int u = 0; u < kMicro; ++u)
 #pragma unroll
-      for (int v = 0; v < kMicro; ++v) sm.tile.sim[ty * kMicro + u][tx * kMicro + v] = acc[u][v] * inv_i[u] * inv_j[v];
+      for (int v = 0; v < kMicro; ++v) sm.tile.sim[ty * kMicro + u][tx * kMicro + v] = acc[u][v];
     __syncthreads();
     if (keeper) {
       const float* row = sm.tile.sim[tid];

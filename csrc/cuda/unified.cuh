@@ -36,11 +36,10 @@ __device__ __forceinline__ void write_anchor(const UnifiedProblem& pb, const Uni
                                              bool has_pos) {
   const float lse_neg = neg.value(), lse_pos = pos.value();
   const bool valid = has_neg && has_pos;
-  const bool nan = pb.inv_x[i] != pb.inv_x[i] || lse_neg != lse_neg || lse_pos != lse_pos;
   out.lse_neg[i] = lse_neg;
   out.lse_pos[i] = lse_pos;
   out.valid[i] = valid;
-  store_float(static_cast<T*>(out.loss) + i, nan ? quiet_nan() : unified_anchor_loss(lse_neg, lse_pos, valid));
+  store_float(static_cast<T*>(out.loss) + i, unified_anchor_loss(lse_neg, lse_pos, valid, pb.inv_x[i]));
 }
 
 struct AnchorStats {
