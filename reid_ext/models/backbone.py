@@ -41,9 +41,11 @@ def make_classifiers(in_features: Sequence[int], num_classes: int) -> nn.ModuleL
     No bias: the same weight then serves as a linear softmax classifier and as the class
     centres of a cosine softmax.
     """
-    classifiers = nn.ModuleList(nn.Linear(d, num_classes, bias=False) for d in (in_features if num_classes else ()))
-    for classifier in classifiers:
-        nn.init.normal_(classifier.weight, std=0.001)
+    classifiers = nn.ModuleList()
+    for d in in_features if num_classes else ():
+        classifier = nn.Linear(d, num_classes, bias=False, device="meta")  # no default initialisation drawn
+        classifier.weight = nn.Parameter(torch.empty(num_classes, d).normal_(std=0.001))
+        classifiers.append(classifier)
     return classifiers
 
 
