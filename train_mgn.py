@@ -20,18 +20,17 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import reid_ext
+from reid_ext import defaults
 from reid_ext.data import (
     CrossModalityPKSampler,
     ImageDataset,
@@ -44,7 +43,18 @@ from reid_ext.data import (
     make_synthetic,
 )
 from reid_ext.evaluation import check_re_ranking_options, evaluate_dataset
-from reid_ext.models import MODELS, PRESETS, build_model, build_recipe, load_backbone_weights
+from reid_ext.models import MODELS, PRESETS, build_model, load_backbone_weights
+from reid_ext.recipes import build_recipe
+from reid_ext.training import (
+    METRIC_KEYS,
+    load_checkpoint,
+    plot_curves,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+    write_jsonl,
+)
 
 DATASETS = ("synthetic", "synthetic-vi", "market1501", "sysu-mm01", "regdb")
 
@@ -61,8 +71,7 @@ TRAIN_DEFAULTS = {
         milestones=[], ids_per_batch=16, instances=4, eval_every=4,
     ),
 }
-METRIC_KEYS = ("rank1", "mAP", "mINP")
-CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "history", "initial", "train_seconds", "args")
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "history", "initial", "train_seconds", "args", "recipe")
 # Arguments a resumed run may change: how long it trains, how often it evaluates, where its
 # files are, how it runs. Every other one shapes the model, the data or the optimisation.
 RESUME_MAY_CHANGE = frozenset((
@@ -74,7 +83,7 @@ EVAL_MUST_MATCH = ("model", "mgn_triplet_on", "preset", "input_size")
 PROGRESS_EVERY = 5  # steps between progress-bar updates (each one synchronises with the device)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     presets = "\n".join(
         f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in TRAIN_DEFAULTS.items()
     )
@@ -116,9 +125,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     train = p.add_argument_group("training (unset values come from the --preset's defaults, listed below)")
     train.add_argument("--recipe", choices=("mgn", "ubat"), help="loss recipe (default: the --model's name)")
     train.add_argument("--margin", type=float,
-                       help="triplet margin (default: 1.2 for mgn's batch-hard loss, 0.25 for ubat's unified loss)")
-    train.add_argument("--cos-scale", type=float, default=16.0, help="ubat: cosine-softmax scale (default: 16)")
-    train.add_argument("--cos-margin", type=float, default=0.2, help="ubat: cosine-softmax margin (default: 0.2)")
+                       help=f"triplet margin (default: {defaults.MGN_TRIPLET_MARGIN} for mgn's batch-hard loss, "
+                            f"{defaults.UNIFIED_MARGIN} for ubat's unified loss)")
+    train.add_argument("--cos-scale", type=float, default=defaults.UBAT_COS_SCALE,
+                       help="ubat: cosine-softmax scale (default: %(default)s)")
+    train.add_argument("--cos-margin", type=float, default=defaults.UBAT_COS_MARGIN,
+                       help="ubat: cosine-softmax margin (default: %(default)s)")
     train.add_argument("--optimizer", choices=("sgd", "adam"))
     train.add_argument("--lr", type=float)
     train.add_argument("--weight-decay", type=float)
@@ -146,17 +158,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--eval-batch-size", type=int, default=256, help="default: 256")
     run.add_argument("--rerank", action="store_true",
                      help="also evaluate with k-reciprocal re-ranking (Zhong et al. 2017) of the same features")
-    run.add_argument("--rerank-k1", type=int, help="re-ranking's k1 (default: 20; needs --rerank)")
-    run.add_argument("--rerank-k2", type=int, help="re-ranking's k2 (default: 6; needs --rerank)")
-    run.add_argument("--rerank-lambda", type=float, help="re-ranking's lambda (default: 0.3; needs --rerank)")
+    run.add_argument("--rerank-k1", type=int, help=f"re-ranking's k1 (default: {defaults.RERANK_K1}; needs --rerank)")
+    run.add_argument("--rerank-k2", type=int, help=f"re-ranking's k2 (default: {defaults.RERANK_K2}; needs --rerank)")
+    run.add_argument("--rerank-lambda", type=float, help=f"re-ranking's lambda (default: {defaults.RERANK_LAMBDA}; needs --rerank)")
     run.add_argument("--output-dir", help="default: runs/mgn-<dataset>")
     run.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                      help="continue from CHECKPOINT (default: <output-dir>/checkpoint.pt)")
     run.add_argument("--eval-only", action="store_true",
                      help="only evaluate the --resume checkpoint (e.g. SYSU-MM01 indoor-search after "
                           "all-search training) and write <output-dir>/evaluation.json")
-    args = p.parse_args(argv)
+    return p
 
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The arguments, with every unset one given its default (the --preset's, the model's) and checked."""
+    p = build_parser()
+    args = p.parse_args(argv)
     for key, value in TRAIN_DEFAULTS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -171,7 +188,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.model}-{args.dataset}")
     if args.margin is None:
-        args.margin = 1.2 if args.recipe == "mgn" else 0.25
+        args.margin = defaults.MGN_TRIPLET_MARGIN if args.recipe == "mgn" else defaults.UNIFIED_MARGIN
     if args.threads is None:
         args.threads = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // 2))
     if args.workers is None:
@@ -184,7 +201,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--eval-every must be >= 1, got {args.eval_every}")
     if args.eval_only and args.resume is None:
         p.error("--eval-only needs --resume [CHECKPOINT]")
-    for key, default in (("rerank_k1", 20), ("rerank_k2", 6), ("rerank_lambda", 0.3)):
+    rerank_defaults = (("rerank_k1", defaults.RERANK_K1), ("rerank_k2", defaults.RERANK_K2),
+                       ("rerank_lambda", defaults.RERANK_LAMBDA))
+    for key, default in rerank_defaults:
         if getattr(args, key) is not None and not args.rerank:
             p.error(f"{_flag(key)} is an option of --rerank")
         if getattr(args, key) is None:
@@ -268,13 +287,46 @@ def make_loaders(args, data: ReIDDataset, rank: int, world_size: int, device: to
     return train_loader, query_loader, gallery_loader
 
 
+# --------------------------------------------------------------------------- model and recipe
+
+
+class Trainee(torch.nn.Module):
+    """The network and its loss recipe (which owns the classifiers) as one module, so that DDP
+    averages the gradients of both. forward(images, labels, modalities, gather) -> (loss, parts)."""
+
+    def __init__(self, model: torch.nn.Module, recipe: torch.nn.Module, amp_dtype: Optional[torch.dtype]):
+        super().__init__()
+        self.model, self.recipe, self.amp_dtype = model, recipe, amp_dtype
+
+    def forward(self, images, labels, modalities, gather):
+        with torch.autocast(images.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            output = self.model(images)
+        return self.recipe(output, labels, modalities, gather)  # the losses run in float32
+
+
+def build_trainee(args, num_classes: int, device: torch.device, log) -> Trainee:
+    """The model of --model with the loss recipe of --recipe, on ``device``."""
+    options = {"triplet_on": args.mgn_triplet_on} if args.model == "mgn" else {}
+    model = build_model(args.model, args.preset, **options)
+    if args.recipe == "mgn":
+        recipe = build_recipe("mgn", num_classes, model.id_feature_dims, margin=args.margin)
+    else:
+        recipe = build_recipe("ubat", num_classes, model.id_feature_dims, scale=args.cos_scale,
+                              cos_margin=args.cos_margin, margin=args.margin)
+    if args.backbone_weights and args.resume is None:  # a resumed model gets its weights from the checkpoint
+        load_backbone_weights(model, args.backbone_weights)
+        log(f"loaded backbone weights from {args.backbone_weights}")
+    amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None
+    return Trainee(model.to(device, memory_format=torch.channels_last), recipe.to(device), amp_dtype)
+
+
 # --------------------------------------------------------------------------- optimisation
 
 
-def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(args, module: torch.nn.Module) -> torch.optim.Optimizer:
     # No weight decay on batch-norm parameters (1-D tensors), as is usual.
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    decay = [p for p in module.parameters() if p.dim() > 1]
+    no_decay = [p for p in module.parameters() if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
@@ -291,78 +343,102 @@ def lr_factor(args, progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min((progress - args.warmup_epochs) / span, 1.0)))
 
 
-# --------------------------------------------------------------------------- checkpoints and logs
+def train_epoch(args, epoch: int, trainee, optimizer, loader, device, two_modalities: bool, gather, world_size: int,
+                show_progress: bool) -> Dict[str, object]:
+    """One epoch of steps; its history record (the mean loss and its parts, lr, speed)."""
+    trainee.train()
+    loader.batch_sampler.set_epoch(epoch)
+    steps = len(loader)
+    sums: Dict[str, torch.Tensor] = {}
+    images_seen = 0
+    t_epoch = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_progress,
+               leave=True, dynamic_ncols=True, file=sys.stdout)
+    for i, (images, labels, _, modalities) in enumerate(bar):
+        factor = lr_factor(args, epoch + i / steps)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * factor
+        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        modalities = modalities.to(device, non_blocking=True) if two_modalities else None
+        loss, parts = trainee(images, labels, modalities, gather)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        images_seen += images.size(0) * world_size
+        # Running sums stay on the device: no host synchronisation but for the progress bar.
+        for key, value in (("loss", loss.detach()), *((f"loss_{k}", v) for k, v in parts.items())):
+            sums[key] = sums[key] + value if key in sums else value
+        if i % PROGRESS_EVERY == 0 or i + 1 == steps:
+            rate = images_seen / (time.perf_counter() - t_epoch)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", lr=f"{args.lr * factor:.2e}")
+    bar.close()
+    epoch_seconds = time.perf_counter() - t_epoch
+    record = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "lr": args.lr * factor}
+    record.update({k: v.item() / steps for k, v in sums.items()})
+    record.update({"images_per_second": images_seen / epoch_seconds, "epoch_seconds": epoch_seconds})
+    return record
 
 
-def rng_state() -> Dict[str, object]:
-    """The RNG states of torch, CUDA, numpy and Python as tensors and plain data (weights_only-loadable)."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }
+# --------------------------------------------------------------------------- evaluation
 
 
-def set_rng_state(state: Dict[str, object]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+class Evaluation(NamedTuple):
+    """What an evaluation needs: the test loaders, the protocol, where and how the model runs, and
+    the re-ranking options (None: no re-ranking)."""
+
+    query_loader: torch.utils.data.DataLoader
+    gallery_loader: torch.utils.data.DataLoader
+    protocol: str
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    rerank: Optional[Dict[str, float]]
 
 
-def atomic_write(path: str, write, mode: str = "wb") -> None:
-    """``write(file)`` into a temporary file, flushed to disk, then renamed over ``path``.
-
-    Readers never see a partial file, and neither a crash nor a power loss leaves a truncated
-    one under ``path``: the data is on disk before the rename, the rename once the directory is synced.
-    """
-    tmp = f"{path}.tmp"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def evaluate(model, ev: Evaluation) -> Dict[str, object]:
+    """The METRIC_KEYS of an evaluation and, with re-ranking, "rerank": the same after re-ranking."""
+    options = {"rerank": True, **ev.rerank} if ev.rerank is not None else {}
+    result = evaluate_dataset(model, ev.query_loader, ev.gallery_loader, ev.protocol, ev.device,
+                              amp_dtype=ev.amp_dtype, **options)
+    return metrics_of(result)
 
 
-def save_checkpoint(path: str, state: Dict[str, object]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+def metrics_of(record: Dict[str, object]) -> Dict[str, object]:
+    """The METRIC_KEYS of an evaluation or history record, and its "rerank" ones where it has them."""
+    metrics = {k: record[k] for k in METRIC_KEYS}
+    if "rerank" in record:
+        metrics["rerank"] = {k: record["rerank"][k] for k in METRIC_KEYS}
+    return metrics
 
 
-def load_checkpoint(path: str) -> Dict[str, object]:
-    """A checkpoint of this trainer, loaded with weights_only=True: a file that holds anything but
-    tensors and plain data is refused before any of it runs."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a file that is no zip archive
-        # Not torch's advice to allowlist the object: that is what an attacker would want.
-        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        reason = f"it refers to {foreign.group(1)}, which is not plain data" if foreign else first_line
-        raise SystemExit(
-            f"--resume: {path} is not a checkpoint this trainer can load safely ({reason}); "
-            "checkpoints hold only tensors and plain data and are loaded with weights_only=True"
-        ) from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise SystemExit(f"--resume: {path} is not a checkpoint of this trainer: it lacks {', '.join(missing)}")
-    return state
+def describe(metrics: Dict[str, object]) -> str:
+    text = "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_KEYS if k in metrics)
+    if "rerank" in metrics:
+        text += "  re-ranked: " + "  ".join(f"{k} {metrics['rerank'][k]:.4f}" for k in METRIC_KEYS)
+    return text
+
+
+# --------------------------------------------------------------------------- checkpoints
 
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
+
+def resume_state(args, ckpt_path: str, log) -> Optional[Dict[str, object]]:
+    """The checkpoint to resume from (None without --resume), refused at once if it does not fit."""
+    if args.resume is None:
+        return None
+    path = args.resume or ckpt_path
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    try:
+        state = load_checkpoint(path, CHECKPOINT_KEYS)
+    except ValueError as err:
+        raise SystemExit(f"--resume: {err}") from None
+    check_resume_args(args, state["args"], state["epoch"], log)
+    log(f"resuming from {path} after epoch {state['epoch']}")
+    return state
 
 
 def check_resume_args(args, saved: Dict[str, object], start_epoch: int, log) -> None:
@@ -387,108 +463,30 @@ def check_resume_args(args, saved: Dict[str, object], start_epoch: int, log) -> 
             f"epoch {args.epochs}, and the learning-rate schedule now spans {args.epochs} epochs")
 
 
-def write_json(path: str, obj: Dict[str, object]) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
+def restore(state: Dict[str, object], trainee: Trainee, optimizer, rank: int, world_size: int, log) -> None:
+    """The weights, optimizer state and this rank's RNG state of a checkpoint."""
+    for name, module in (("model", trainee.model), ("recipe", trainee.recipe)):
+        try:
+            module.load_state_dict(state[name])
+        except RuntimeError as err:
+            raise SystemExit(f"--resume: the checkpoint's {name} does not fit this one ({err})") from None
+    optimizer.load_state_dict(state["optimizer"])
+    if len(state["rng"]) == world_size:
+        set_rng_state(state["rng"][rank])
+    else:
+        log(f"checkpoint has RNG states of {len(state['rng'])} ranks, not {world_size}: augmentations will differ")
 
 
-def write_jsonl(path: str, records: List[Dict[str, object]]) -> None:
-    atomic_write(path, lambda f: f.writelines(json.dumps(record) + "\n" for record in records), mode="w")
+def gathered_rng_states(world_size: int) -> List[Dict[str, object]]:
+    """Every rank's RNG state (an exact resume needs them all)."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-
-
-def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: Dict[str, List[tuple]], legend_top: bool) -> None:
-    """Line chart of ``series`` (name -> [(x, y)]) inside box = (left, top, right, bottom).
-
-    The legend goes to the top right corner (falling curves) or the bottom right (rising ones).
-    """
-    left, top, right, bottom = box
-    x0, y0, x1, y1 = left + 50, top + 25, right - 10, bottom - 30
-    draw.text((left + 50, top + 5), title, fill="black")
-    draw.rectangle((x0, y0, x1, y1), outline="black")
-    points = [pt for pts in series.values() for pt in pts]
-    if not points:
-        return
-    xs, ys = [x for x, _ in points], [y for _, y in points]
-    xmin, xmax = min(xs), max(max(xs), min(xs) + 1)
-    ymin, ymax = min(ys), max(ys)
-    if ymax - ymin < 1e-9:
-        ymin, ymax = ymin - 0.5, ymax + 0.5
-    sx = lambda x: x0 + (x - xmin) / (xmax - xmin) * (x1 - x0)  # noqa: E731
-    sy = lambda y: y1 - (y - ymin) / (ymax - ymin) * (y1 - y0)  # noqa: E731
-    for i in range(5):
-        y = ymin + (ymax - ymin) * i / 4
-        draw.line((x0 - 4, sy(y), x0, sy(y)), fill="black")
-        draw.text((left + 2, sy(y) - 6), f"{y:.3g}", fill="black")
-        x = xmin + (xmax - xmin) * i / 4
-        draw.line((sx(x), y1, sx(x), y1 + 4), fill="black")
-        draw.text((sx(x) - 8, y1 + 8), f"{x:.3g}", fill="black")
-    draw.text(((x0 + x1) // 2 - 15, bottom - 14), "epoch", fill="black")
-    for i, (name, pts) in enumerate(series.items()):
-        colour = _PALETTE[i % len(_PALETTE)]
-        if len(pts) > 1:
-            draw.line([(sx(x), sy(y)) for x, y in pts], fill=colour, width=2)
-        for x, y in pts:
-            draw.ellipse((sx(x) - 2, sy(y) - 2, sx(x) + 2, sy(y) + 2), fill=colour)
-        legend_y = y0 + 5 + 14 * i if legend_top else y1 - 5 - 14 * (len(series) - i)
-        draw.text((x1 - 90, legend_y), name, fill=colour)
-
-
-def plot_curves(path: str, history: List[Dict[str, object]]) -> None:
-    """PNG of the training losses and the evaluation metrics against epochs."""
-    losses = sorted({k for r in history if "loss" in r for k in r if k.startswith("loss")})
-    loss_series = {k: [(r["epoch"], r[k]) for r in history if k in r] for k in losses}
-    metric_series = {k: [(r["epoch"], r[k]) for r in history if k in r] for k in METRIC_KEYS}
-    if any("rerank" in r for r in history):
-        metric_series["re-ranked mAP"] = [(r["epoch"], r["rerank"]["mAP"]) for r in history if "rerank" in r]
-    image = Image.new("RGB", (1000, 400), "white")
-    draw = ImageDraw.Draw(image)
-    _panel(draw, (0, 0, 500, 400), "training loss", loss_series, legend_top=True)
-    _panel(draw, (500, 0, 1000, 400), "test metrics", metric_series, legend_top=False)
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
-
-
-# --------------------------------------------------------------------------- main loop
-
-
-def evaluate(args, model, query_loader, gallery_loader, protocol, device, amp_dtype) -> Dict[str, object]:
-    """The METRIC_KEYS of an evaluation and, with --rerank, "rerank": the same after re-ranking."""
-    result = evaluate_dataset(model, query_loader, gallery_loader, protocol, device, amp_dtype=amp_dtype,
-                              rerank=args.rerank, k1=args.rerank_k1, k2=args.rerank_k2,
-                              lambda_value=args.rerank_lambda)
-    metrics = metrics_of(result)
-    if args.rerank:
-        metrics["rerank"] = metrics_of(result["rerank"])
-    return metrics
-
-
-def metrics_of(record: Dict[str, object]) -> Dict[str, object]:
-    """The METRIC_KEYS of an evaluation or history record, and its "rerank" ones where it has them."""
-    metrics = {k: record[k] for k in METRIC_KEYS}
-    if "rerank" in record:
-        metrics["rerank"] = {k: record["rerank"][k] for k in METRIC_KEYS}
-    return metrics
-
-
-def describe(metrics: Dict[str, object]) -> str:
-    text = "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_KEYS if k in metrics)
-    if "rerank" in metrics:
-        text += "  re-ranked: " + "  ".join(f"{k} {metrics['rerank'][k]:.4f}" for k in METRIC_KEYS)
-    return text
-
-
-def evaluate_only(args, model, query_loader, gallery_loader, data, device, amp_dtype, is_main, world_size):
-    """--eval-only: metrics of the loaded model on ``data``'s protocol, written to evaluation.json."""
-    results = None
-    if is_main:
-        results = {"dataset": data.name, "protocol": data.protocol,
-                   **evaluate(args, model, query_loader, gallery_loader, data.protocol, device, amp_dtype)}
-        write_json(os.path.join(args.output_dir, "evaluation.json"), results)
-        tqdm.write(json.dumps(results))
-    if world_size > 1:
-        dist.destroy_process_group()
-    return results
+# --------------------------------------------------------------------------- the run
 
 
 def train(args) -> Optional[Dict[str, object]]:
@@ -503,60 +501,40 @@ def train(args) -> Optional[Dict[str, object]]:
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     log_path = os.path.join(args.output_dir, "metrics.jsonl")
-    state = None
-    if args.resume is not None:  # before anything slow: a checkpoint that does not fit fails at once
-        path = args.resume or ckpt_path
-        if not os.path.isfile(path):
-            raise SystemExit(f"--resume: no checkpoint at {path}")
-        state = load_checkpoint(path)
-        check_resume_args(args, state["args"], state["epoch"], log)
+    state = resume_state(args, ckpt_path, log)  # before anything slow
 
+    # Data.
     t0 = time.perf_counter()
     data = load_dataset(args)
     log(f"{data.summary()}\n  ({time.perf_counter() - t0:.1f} s to load)")
-    train_loader, query_loader, gallery_loader = make_loaders(args, data, rank, world_size, device)
     two_modalities = data.num_modalities == 2
+    train_loader, query_loader, gallery_loader = make_loaders(args, data, rank, world_size, device)
 
-    options = {"triplet_on": args.mgn_triplet_on} if args.model == "mgn" else {}
-    model = build_model(args.model, args.preset, data.num_train_pids, **options)
-    if args.backbone_weights and state is None:  # a resumed model gets its weights from the checkpoint
-        load_backbone_weights(model, args.backbone_weights)
-        log(f"loaded backbone weights from {args.backbone_weights}")
-    model = model.to(device, memory_format=torch.channels_last)
-    core = model
+    # Model and recipe.
+    trainee = build_trainee(args, data.num_train_pids, device, log)
+    optimizer = build_optimizer(args, trainee)
+    step = trainee
     if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        step = torch.nn.parallel.DistributedDataParallel(
+            trainee, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if args.recipe == "mgn":
-        criterion = build_recipe("mgn", margin=args.margin)
-    else:
-        criterion = build_recipe("ubat", scale=args.cos_scale, cos_margin=args.cos_margin, margin=args.margin)
-    optimizer = build_optimizer(args, core)
-    amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None
     # The metric losses then mine over the global batch; their gradients reach
     # each rank's own rows (reid_ext.gather_batch's backward), DDP averages the rest.
     gather = reid_ext.gather_batch if args.global_mining and world_size > 1 else None
+    rerank = dict(k1=args.rerank_k1, k2=args.rerank_k2, lambda_value=args.rerank_lambda) if args.rerank else None
+    ev = Evaluation(query_loader, gallery_loader, data.protocol, device, trainee.amp_dtype, rerank)
     torch.manual_seed(args.seed + rank)  # augmentations differ between ranks
 
+    # The starting point: a checkpoint's, or the initial evaluation.
     start_epoch, history, initial, train_seconds = 0, [], None, 0.0
     if state is not None:
-        try:
-            core.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise SystemExit(f"--resume: the checkpoint's model does not fit this one ({err})") from None
-        optimizer.load_state_dict(state["optimizer"])
+        restore(state, trainee, optimizer, rank, world_size, log)
         start_epoch, history, initial = state["epoch"], state["history"], state["initial"]
         train_seconds = state["train_seconds"]
-        if len(state["rng"]) == world_size:
-            set_rng_state(state["rng"][rank])
-        else:
-            log(f"checkpoint has RNG states of {len(state['rng'])} ranks, not {world_size}: augmentations will differ")
-        log(f"resumed from {path} after epoch {start_epoch}")
         if args.eval_only:
-            return evaluate_only(args, core, query_loader, gallery_loader, data, device, amp_dtype, is_main, world_size)
+            return evaluate_only(args, trainee.model, ev, data, is_main, world_size)
     elif is_main:
-        initial = evaluate(args, core, query_loader, gallery_loader, data.protocol, device, amp_dtype)
+        initial = evaluate(trainee.model, ev)
         history.append({"epoch": 0, **initial})
         log("initial: " + describe(initial))
     if is_main:
@@ -564,57 +542,23 @@ def train(args) -> Optional[Dict[str, object]]:
     if world_size > 1:
         dist.barrier()
 
+    # The loop: train an epoch, evaluate when due, checkpoint.
     for epoch in range(start_epoch, args.epochs):
-        model.train()
-        train_loader.batch_sampler.set_epoch(epoch)
-        steps = len(train_loader)
-        sums: Dict[str, torch.Tensor] = {}
-        images_seen = 0
-        t_epoch = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main,
-                   leave=True, dynamic_ncols=True, file=sys.stdout)
-        for i, (images, labels, _, modalities) in enumerate(bar):
-            factor = lr_factor(args, epoch + i / steps)
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * factor
-            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            modalities = modalities.to(device, non_blocking=True) if two_modalities else None
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                output = model(images)
-            loss, parts = criterion(output, [c.weight for c in core.classifiers], labels, modalities, gather)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            images_seen += images.size(0) * world_size
-            # Running sums stay on the device: no host synchronisation but for the progress bar.
-            for key, value in (("loss", loss.detach()), *((f"loss_{k}", v) for k, v in parts.items())):
-                sums[key] = sums[key] + value if key in sums else value
-            if i % PROGRESS_EVERY == 0 or i + 1 == steps:
-                rate = images_seen / (time.perf_counter() - t_epoch)
-                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}", lr=f"{args.lr * factor:.2e}")
-        bar.close()
-        epoch_seconds = time.perf_counter() - t_epoch
-        train_seconds += epoch_seconds
-        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "lr": args.lr * factor}
-        record.update({k: v.item() / steps for k, v in sums.items()})
-        record.update({"images_per_second": images_seen / epoch_seconds, "epoch_seconds": epoch_seconds})
-        last = epoch + 1 == args.epochs
-        if is_main and (last or (epoch + 1) % args.eval_every == 0):
-            record.update(evaluate(args, core, query_loader, gallery_loader, data.protocol, device, amp_dtype))
+        record = train_epoch(args, epoch, step, optimizer, train_loader, device, two_modalities, gather, world_size,
+                             is_main)
+        train_seconds += record["epoch_seconds"]
+        if is_main and (epoch + 1 == args.epochs or (epoch + 1) % args.eval_every == 0):
+            record.update(evaluate(trainee.model, ev))
         log(f"epoch {epoch + 1}: loss {record['loss']:.4f}  " + describe(record))
         history.append(record)
-        rng = [rng_state()]
-        if world_size > 1:
-            rng = [None] * world_size
-            dist.all_gather_object(rng, rng_state())
+        rng = gathered_rng_states(world_size)
         if is_main:
             write_jsonl(log_path, history)
             plot_curves(os.path.join(args.output_dir, "curves.png"), history)
             save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng, "history": history, "initial": initial, "train_seconds": train_seconds,
-                "args": vars(args),
+                "epoch": epoch + 1, "model": trainee.model.state_dict(), "recipe": trainee.recipe.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": rng, "history": history, "initial": initial,
+                "train_seconds": train_seconds, "args": vars(args),
             })
         if world_size > 1:
             dist.barrier()
@@ -628,6 +572,18 @@ def train(args) -> Optional[Dict[str, object]]:
         }
         write_json(os.path.join(args.output_dir, "results.json"), results)
         log(f"results: {json.dumps(results)}  ({args.output_dir})")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def evaluate_only(args, model, ev: Evaluation, data: ReIDDataset, is_main: bool, world_size: int):
+    """--eval-only: metrics of the loaded model on ``data``'s protocol, written to evaluation.json."""
+    results = None
+    if is_main:
+        results = {"dataset": data.name, "protocol": data.protocol, **evaluate(model, ev)}
+        write_json(os.path.join(args.output_dir, "evaluation.json"), results)
+        tqdm.write(json.dumps(results))
     if world_size > 1:
         dist.destroy_process_group()
     return results

@@ -1,5 +1,5 @@
 """The timing harness of the benchmarks: one forward+backward step, its warm-up, its median time
-in interleaved rounds, and its peak memory (see DESIGN.md, "Performance: how to measure")."""
+in interleaved rounds, and its peak memory (see bench/README.md, "What is measured")."""
 import os
 
 # Kineto, behind torch.profiler, prints a line to stderr at every profiling session start and

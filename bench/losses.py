@@ -13,8 +13,7 @@ beyond the inputs that already exist. Results go to stdout as a table and to a J
 `--plot` draws the speedup over eager against N. bench/host_cost.py measures the per-call
 cost of each loss against a trivial custom op built the same way. The parts of this one:
 bench/harness.py (timing and memory), bench/cases.py (losses, inputs, sizes),
-bench/targets.py, bench/report.py (table and plot). See bench/README.md and DESIGN.md,
-"Performance: how to measure".
+bench/targets.py, bench/report.py (table and plot). See bench/README.md, "What is measured".
 
     python bench/losses.py --quick                      # a subset, < 2 minutes on 2 CPU cores
     python bench/losses.py                              # the full CPU table

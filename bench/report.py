@@ -1,7 +1,6 @@
 """The loss benchmark's report: the table of a run, and the plot of its speedups."""
 import itertools
 import math
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -80,14 +79,12 @@ def format_table(results: dict, markdown: bool = False) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-    except ImportError:
-        sys.exit("bench: --plot needs matplotlib, an optional benchmark dependency: pip install matplotlib")
+    matplotlib.use("Agg")  # files only, whatever display the machine has
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     cases = by_case(results["rows"])
     losses = list(dict.fromkeys(key[0] for key in cases))
     cols = min(len(losses), 3)

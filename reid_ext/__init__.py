@@ -34,7 +34,7 @@ from .ops import (  # noqa: E402
     TopKSimilarity,
     unified_triplet_loss,
 )
-from . import losses  # noqa: E402
+from . import defaults, losses, recipes  # noqa: E402
 from . import distributed  # noqa: E402
 from .distributed import gather_batch  # noqa: E402
 from .memory import CrossBatchMemory  # noqa: E402
@@ -55,7 +55,9 @@ __all__ = [
     "CrossBatchMemory",
     "gather_batch",
     "distributed",
+    "defaults",
     "losses",
+    "recipes",
     "reference",
     "WITH_CUDA",
 ]

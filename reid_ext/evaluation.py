@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import reid_ext
+from reid_ext import defaults
 
 
 __all__ = [
@@ -252,9 +253,9 @@ def evaluate_dataset(
     flip: bool = True,
     amp_dtype: Optional[torch.dtype] = None,
     rerank: bool = False,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
+    k1: int = defaults.RERANK_K1,
+    k2: int = defaults.RERANK_K2,
+    lambda_value: float = defaults.RERANK_LAMBDA,
 ) -> Dict[str, object]:
     """Evaluate ``model`` under ``protocol`` ("market", "sysu-all", "sysu-indoor", "cross-modality").
 
@@ -439,7 +440,8 @@ def _progress(n: int) -> tqdm:
 
 @torch.no_grad()
 def re_ranking(
-    qf: torch.Tensor, gf: torch.Tensor, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
+    qf: torch.Tensor, gf: torch.Tensor, k1: int = defaults.RERANK_K1, k2: int = defaults.RERANK_K2,
+    lambda_value: float = defaults.RERANK_LAMBDA,
 ) -> torch.Tensor:
     """k-reciprocal re-ranking (Zhong et al., CVPR 2017) from features, on the cosine distance.
 
@@ -533,13 +535,14 @@ def _blocks_of_transposed(q_q, q_g, g_g):
 
 @torch.no_grad()
 def re_ranking_distances(
-    q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3
+    q_g_dist, q_q_dist, g_g_dist, k1: int = defaults.RERANK_K1, k2: int = defaults.RERANK_K2,
+    lambda_value: float = defaults.RERANK_LAMBDA,
 ) -> torch.Tensor:
     """k-reciprocal re-ranking (Zhong et al., CVPR 2017) from distance matrices, with the
     semantics of the re_ranking function of fast-reid and torchreid.
 
     final = (1 - lambda) * jaccard(V) + lambda * original, with original = A^2 transposed and each
-    row scaled by its largest value, A = [[q_q, q_g], [q_g^T, g_g]] (every step: the README's
+    row scaled by its largest value, A = [[q_q, q_g], [q_g^T, g_g]] (every step: docs/api.md,
     "topk_similarity and k-reciprocal re-ranking").
     The inputs are taken as given (not squared, not symmetrized). Computed in their dtype (the
     standard code in float32) with a sparse V and O((Q+G) x k) memory besides the inputs and the

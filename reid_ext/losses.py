@@ -2,11 +2,14 @@
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import defaults, ops
 
-__all__ = ["UnifiedTripletLoss", "BatchHardTripletLoss", "HeteroCenterTripletLoss", "CosineSoftmaxLoss"]
+__all__ = [
+    "UnifiedTripletLoss", "BatchHardTripletLoss", "HeteroCenterTripletLoss", "CosineSoftmaxLoss", "SoftmaxLoss",
+]
 
 
 class UnifiedTripletLoss(nn.Module):
@@ -20,7 +23,8 @@ class UnifiedTripletLoss(nn.Module):
         >>> loss = loss_fn(embeddings, labels, ref=bank, ref_labels=bank_labels)  # against a memory bank
     """
 
-    def __init__(self, gamma: float = 64.0, margin: float = 0.25, mode: str = "all", reduction: str = "mean"):
+    def __init__(self, gamma: float = defaults.UNIFIED_GAMMA, margin: float = defaults.UNIFIED_MARGIN, mode: str = "all",
+                 reduction: str = "mean"):
         super().__init__()
         self.gamma, self.margin, self.mode, self.reduction = gamma, margin, mode, reduction
 
@@ -52,7 +56,8 @@ class BatchHardTripletLoss(nn.Module):
         >>> loss = loss_fn(embeddings, labels)
     """
 
-    def __init__(self, margin: float = 0.3, metric: str = "euclidean", soft_margin: bool = False,
+    def __init__(self, margin: float = defaults.BATCH_HARD_MARGIN, metric: str = defaults.BATCH_HARD_METRIC,
+                 soft_margin: bool = False,
                  reduction: str = "mean"):
         super().__init__()
         self.margin, self.metric, self.soft_margin, self.reduction = margin, metric, soft_margin, reduction
@@ -81,7 +86,7 @@ class HeteroCenterTripletLoss(nn.Module):
         >>> loss = loss_fn(embeddings, labels, modalities)     # modalities: 0 = visible, 1 = infrared
     """
 
-    def __init__(self, mining: str = "all", gamma: float = 64.0, margin: Optional[float] = None,
+    def __init__(self, mining: str = "all", gamma: float = defaults.UNIFIED_GAMMA, margin: Optional[float] = None,
                  reduction: str = "mean"):
         super().__init__()
         self.mining, self.gamma, self.margin, self.reduction = mining, gamma, margin, reduction
@@ -95,14 +100,55 @@ class HeteroCenterTripletLoss(nn.Module):
         return f"mining={self.mining!r}, gamma={self.gamma}, margin={self.margin}, reduction={self.reduction!r}"
 
 
-class CosineSoftmaxLoss(nn.Module):
-    """Cosine-softmax (CosFace / AM-softmax) classification loss with its own class weights.
+class _ClassifierLoss(nn.Module):
+    """A classification loss that owns its bias-free class weights, Tensor[num_classes, dim].
+
+    They start as N(0, defaults.CLASSIFIER_INIT_STD^2) rows: small random directions start every
+    class near cosine 0 with each sample, so the first steps are not dominated by an arbitrary class.
+    """
+
+    def __init__(self, num_classes: int, dim: int, label_smoothing: float, reduction: str, device, dtype):
+        super().__init__()
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"num_classes and dim must be >= 1, got {num_classes} and {dim}")
+        self.num_classes, self.dim = num_classes, dim
+        self.label_smoothing, self.reduction = label_smoothing, reduction
+        self.weight = nn.Parameter(torch.empty(num_classes, dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=defaults.CLASSIFIER_INIT_STD)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, dim={self.dim}, label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r}")
+
+
+class SoftmaxLoss(_ClassifierLoss):
+    """Softmax cross-entropy of a linear bias-free classifier that owns its class weights (MGN's identity loss).
+
+    L_i = CE(x_i W^T, label_i) (with label smoothing), W (Tensor[num_classes, dim]).
+
+    Example:
+        >>> loss_fn = SoftmaxLoss(num_classes=751, dim=2048)
+        >>> loss = loss_fn(embeddings, labels)                  # labels in [0, 751)
+    """
+
+    def __init__(self, num_classes: int, dim: int, label_smoothing: float = 0.0, reduction: str = "mean",
+                 device=None, dtype=None):
+        super().__init__(num_classes, dim, label_smoothing, reduction, device, dtype)
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(F.linear(x, self.weight), labels, reduction=self.reduction,
+                               label_smoothing=self.label_smoothing)
+
+
+class CosineSoftmaxLoss(_ClassifierLoss):
+    """Cosine-softmax (CosFace / AM-softmax) classification loss that owns its class weights; see
+    reid_ext.cosine_softmax_loss.
 
     z_ic = scale * (cos(x_i, weight_c) - margin * [c == label_i]), cross-entropy over z (with label smoothing).
-
-    The weight (Tensor[num_classes, dim]) starts as N(0, 0.01^2) rows: only their directions
-    matter (the logits normalize them), and small random directions start every class near
-    cosine 0 with each sample, so the first steps are not dominated by an arbitrary class.
+    Only the weights' directions matter (the logits normalize them).
 
     Example:
         >>> loss_fn = CosineSoftmaxLoss(num_classes=751, dim=2048, scale=64.0, margin=0.35)
@@ -110,18 +156,11 @@ class CosineSoftmaxLoss(nn.Module):
         >>> optimizer = torch.optim.SGD(list(model.parameters()) + list(loss_fn.parameters()), lr=0.01)
     """
 
-    def __init__(self, num_classes: int, dim: int, scale: float = 64.0, margin: float = 0.35,
-                 label_smoothing: float = 0.0, reduction: str = "mean", device=None, dtype=None):
-        super().__init__()
-        if num_classes < 1 or dim < 1:
-            raise ValueError(f"num_classes and dim must be >= 1, got {num_classes} and {dim}")
-        self.num_classes, self.dim = num_classes, dim
-        self.scale, self.margin, self.label_smoothing, self.reduction = scale, margin, label_smoothing, reduction
-        self.weight = nn.Parameter(torch.empty(num_classes, dim, device=device, dtype=dtype))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.01)
+    def __init__(self, num_classes: int, dim: int, scale: float = defaults.COSINE_SOFTMAX_SCALE,
+                 margin: float = defaults.COSINE_SOFTMAX_MARGIN, label_smoothing: float = 0.0, reduction: str = "mean",
+                 device=None, dtype=None):
+        super().__init__(num_classes, dim, label_smoothing, reduction, device, dtype)
+        self.scale, self.margin = scale, margin
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
         return ops.cosine_softmax_loss(
@@ -130,5 +169,4 @@ class CosineSoftmaxLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, dim={self.dim}, scale={self.scale}, margin={self.margin}, "
-                f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}")
+        return f"scale={self.scale}, margin={self.margin}, " + super().extra_repr()

@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import defaults
+
 __all__ = [
     "cosine_similarity",
     "unified_triplet_loss",
@@ -79,7 +81,7 @@ def _scaled(grad_loss: Tensor, saved: Tensor, needed: bool) -> Optional[Tensor]:
 # ---------------------------------------------------------------- cosine_similarity
 
 
-def cosine_similarity(x: Tensor, y: Optional[Tensor] = None, eps: float = 1e-12) -> Tensor:
+def cosine_similarity(x: Tensor, y: Optional[Tensor] = None, eps: float = defaults.NORM_EPS) -> Tensor:
     """Pairwise cosine similarity.
 
     Args:
@@ -127,8 +129,8 @@ def unified_triplet_loss(
     x: Tensor,
     labels: Tensor,
     *,
-    gamma: float = 64.0,
-    margin: float = 0.25,
+    gamma: float = defaults.UNIFIED_GAMMA,
+    margin: float = defaults.UNIFIED_MARGIN,
     modalities: Optional[Tensor] = None,
     mode: str = "all",
     ref: Optional[Tensor] = None,
@@ -215,7 +217,7 @@ def batch_hard_triplet_loss(
     x: Tensor,
     labels: Tensor,
     *,
-    margin: float = 0.3,
+    margin: float = defaults.BATCH_HARD_MARGIN,
     metric: str = "euclidean",
     soft_margin: bool = False,
     reduction: str = "mean",
@@ -368,7 +370,7 @@ def hetero_center_triplet_loss(
     modalities: Tensor,
     *,
     mining: str = "all",
-    gamma: float = 64.0,
+    gamma: float = defaults.UNIFIED_GAMMA,
     margin: Optional[float] = None,
     reduction: str = "mean",
 ) -> Tensor:
@@ -406,7 +408,7 @@ def hetero_center_triplet_loss(
         Tensor[] or Tensor[G] with reduction="none".
     """
     if margin is None:
-        margin = 0.3 if mining == "hard" else 0.25
+        margin = defaults.hetero_center_margin(mining)
     if reduction != "none":
         return _OPS.hetero_center_triplet_loss.default(
             x, labels, modalities, mining, gamma, margin, reduction, _wants_grad(x))[0]
@@ -448,8 +450,8 @@ def cosine_softmax_loss(
     weight: Tensor,
     labels: Tensor,
     *,
-    scale: float = 64.0,
-    margin: float = 0.35,
+    scale: float = defaults.COSINE_SOFTMAX_SCALE,
+    margin: float = defaults.COSINE_SOFTMAX_MARGIN,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> Tensor:
@@ -532,7 +534,7 @@ class TopKSimilarity(NamedTuple):
 
 
 def topk_similarity(
-    x: Tensor, y: Optional[Tensor] = None, *, k: int, largest: bool = True, eps: float = 1e-12
+    x: Tensor, y: Optional[Tensor] = None, *, k: int, largest: bool = True, eps: float = defaults.NORM_EPS
 ) -> TopKSimilarity:
     """The k most similar rows of y for every row of x, by cosine similarity, fused: the N x M
     similarity matrix is never stored (tiles of y stream past blocks of x).

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import defaults
+
 _check = torch.ops.reid_ext
 
 
@@ -37,7 +39,9 @@ def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
-def cosine_similarity(x: torch.Tensor, y: Optional[torch.Tensor] = None, eps: float = 1e-12) -> torch.Tensor:
+def cosine_similarity(
+    x: torch.Tensor, y: Optional[torch.Tensor] = None, eps: float = defaults.NORM_EPS
+) -> torch.Tensor:
     """S (Tensor[N, M]) = <x_i, y_j> / (max(|x_i|, eps) * max(|y_j|, eps)); y=None means y = x."""
     _check._check_cosine_similarity.default(x, y, eps)
     xn = _normalize(x, eps)
@@ -84,8 +88,8 @@ def unified_triplet_loss(
     x: torch.Tensor,
     labels: torch.Tensor,
     *,
-    gamma: float = 64.0,
-    margin: float = 0.25,
+    gamma: float = defaults.UNIFIED_GAMMA,
+    margin: float = defaults.UNIFIED_MARGIN,
     modalities: Optional[torch.Tensor] = None,
     mode: str = "all",
     ref: Optional[torch.Tensor] = None,
@@ -131,7 +135,7 @@ def batch_hard_triplet_loss(
     x: torch.Tensor,
     labels: torch.Tensor,
     *,
-    margin: float = 0.3,
+    margin: float = defaults.BATCH_HARD_MARGIN,
     metric: str = "euclidean",
     soft_margin: bool = False,
     reduction: str = "mean",
@@ -192,14 +196,14 @@ def hetero_center_triplet_loss(
     modalities: torch.Tensor,
     *,
     mining: str = "all",
-    gamma: float = 64.0,
+    gamma: float = defaults.UNIFIED_GAMMA,
     margin: Optional[float] = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Over the centers g: "all" L_g = log(1 + sum_{n: y_n != y_g} sum_{p != g: y_p = y_g} exp(gamma*(S_gn - S_gp + m)))
     on normalized centers (unified_triplet_loss, mode "all"); "hard" batch-hard euclidean over the raw centers."""
     if margin is None:
-        margin = 0.3 if mining == "hard" else 0.25
+        margin = defaults.hetero_center_margin(mining)
     _check._check_hetero_center_triplet_loss.default(x, labels, modalities, mining, gamma, margin, reduction)
     if mining == "all":
         # Mode "all": a center's only same-label partners are its other-modality centers, and its
@@ -215,8 +219,8 @@ def cosine_softmax_loss(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    scale: float = 64.0,
-    margin: float = 0.35,
+    scale: float = defaults.COSINE_SOFTMAX_SCALE,
+    margin: float = defaults.COSINE_SOFTMAX_MARGIN,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> torch.Tensor:

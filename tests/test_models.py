@@ -1,15 +1,13 @@
-"""MGN, the UBAT network, their ResNet-50 backbone and the loss recipes."""
+"""MGN, the UBAT network and their ResNet-50 backbone."""
 import pytest
 import torch
 
-import reid_ext
 from reid_ext.models import (
     MGN,
     PRESETS,
     UBATNet,
     build_mgn,
     build_model,
-    build_recipe,
     build_ubat,
     load_backbone_weights,
     resnet50,
@@ -22,7 +20,7 @@ RESNET50_PARAMETERS = 25_557_032  # torchvision.models.resnet50(), a well-known 
 def test_mgn_output_shapes(preset):
     torch.manual_seed(0)
     p = PRESETS[preset]
-    model = build_mgn(preset, num_classes=7).eval()
+    model = build_mgn(preset).eval()
     images = torch.randn(2, 3, *p.input_size)
     with torch.no_grad():
         out = model(images)
@@ -35,23 +33,22 @@ def test_mgn_output_shapes(preset):
     # Softmax on the 3 pooled whole-map features and the 5 reduced stripes, triplet on the 3 reduced whole-map ones.
     assert out.id_features == out.global_features + out.features[3:]
     assert out.metric_features == out.features[:3]
-    assert [tuple(c.weight.shape) for c in model.classifiers] == [(7, c5)] * 3 + [(7, p.feat_dim)] * 5
+    assert model.id_feature_dims == [c5] * 3 + [p.feat_dim] * 5 == [f.size(1) for f in out.id_features]
 
 
 def test_mgn_pooled_triplet_variant_swaps_the_whole_map_features():
-    model = MGN(num_classes=5, width=0.0625, feat_dim=8, triplet_on="pooled").eval()
+    model = MGN(width=0.0625, feat_dim=8, triplet_on="pooled").eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, 96, 32))
     assert out.id_features == out.features and out.metric_features == out.global_features
-    assert all(c.weight.shape == (5, 8) for c in model.classifiers)
+    assert model.id_feature_dims == [8] * 8
     with pytest.raises(ValueError, match="triplet_on must be one of"):
-        MGN(num_classes=5, width=0.0625, feat_dim=8, triplet_on="stripes")
+        MGN(width=0.0625, feat_dim=8, triplet_on="stripes")
 
 
 def test_paper_preset_is_full_size_and_branch_strides():
     assert PRESETS["paper"].feat_dim * 8 == 2048 and PRESETS["paper"].input_size == (384, 128)
-    model = MGN(num_classes=0)
-    assert len(model.classifiers) == 0
+    model = MGN()
     # Global branch downsamples in res_conv5_1, part branches do not.
     strides = [branch.conv5[0].conv2.stride for branch in model.branches]
     assert strides == [(2, 2), (1, 1), (1, 1)]
@@ -59,7 +56,7 @@ def test_paper_preset_is_full_size_and_branch_strides():
 
 
 def test_part_branch_feature_maps_keep_resolution():
-    model = MGN(num_classes=0, width=0.125, feat_dim=8).eval()
+    model = MGN(width=0.125, feat_dim=8).eval()
     sizes = []
     hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:]))) for b in model.branches]
     with torch.no_grad():
@@ -107,7 +104,7 @@ def test_load_backbone_weights_fills_every_branch(tmp_path):
     source = resnet50(width=0.125)
     path = tmp_path / "resnet50.pth"
     torch.save(source.state_dict(), path)
-    model = MGN(num_classes=3, width=0.125, feat_dim=8)
+    model = MGN(width=0.125, feat_dim=8)
     load_backbone_weights(model, str(path))
     torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
     torch.testing.assert_close(model.res_conv4_1.conv2.weight, source.layer3[0].conv2.weight)
@@ -118,73 +115,19 @@ def test_load_backbone_weights_fills_every_branch(tmp_path):
 
 
 def test_load_backbone_rejects_other_widths_and_models():
-    model = MGN(num_classes=3, width=0.125, feat_dim=8)
+    model = MGN(width=0.125, feat_dim=8)
     with pytest.raises(ValueError, match="width"):
         model.load_backbone_state_dict(resnet50(width=0.25).state_dict())
     with pytest.raises(ValueError, match="missing"):
         model.load_backbone_state_dict({"conv1.weight": torch.zeros(1)})
 
 
-def _tiny_model(name):
-    torch.manual_seed(0)
-    if name == "mgn":
-        return MGN(num_classes=4, width=0.0625, feat_dim=8)
-    return UBATNet(num_classes=4, width=0.0625, feat_dim=8)
-
-
-@pytest.mark.parametrize("model_name", ["mgn", "ubat"])
-@pytest.mark.parametrize("recipe", ["mgn", "ubat"])
-def test_recipes_give_finite_losses_and_gradients(model_name, recipe):
-    model = _tiny_model(model_name)
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    modalities = torch.tensor([0, 1] * 4)
-    out = model(torch.randn(8, 3, 96, 32))
-    criterion = build_recipe(recipe)
-    loss, parts = criterion(out, [c.weight for c in model.classifiers], labels, modalities)
-    assert torch.isfinite(loss) and loss.dim() == 0
-    expected = {"id", "triplet"} | ({"hetero_center"} if recipe == "ubat" else set())
-    assert set(parts) == expected
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-def test_mgn_recipe_places_softmax_on_pooled_and_stripes_and_triplet_on_reduced_globals():
-    model = _tiny_model("mgn")
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    out = model(torch.randn(8, 3, 96, 32))
-    weights = [c.weight for c in model.classifiers]
-    loss, parts = build_recipe("mgn")(out, weights, labels)
-    ce = [torch.nn.functional.cross_entropy(f @ w.t(), labels)
-          for f, w in zip(out.global_features + out.features[3:], weights)]
-    tri = [reid_ext.reference.batch_hard_triplet_loss(r, labels, margin=1.2) for r in out.features[:3]]
-    torch.testing.assert_close(parts["id"], torch.stack(ce).mean())
-    torch.testing.assert_close(parts["triplet"], torch.stack(tri).mean())
-    torch.testing.assert_close(loss, torch.stack(ce).mean() + torch.stack(tri).mean())
-
-
-def test_ubat_recipe_on_the_ubat_network_takes_its_one_embedding():
-    model = _tiny_model("ubat")
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    modalities = torch.tensor([0, 1] * 4)
-    out = model(torch.randn(8, 3, 96, 32))
-    (weight,) = [c.weight for c in model.classifiers]
-    loss, parts = build_recipe("ubat")(out, [weight], labels, modalities)
-    emb = out.embedding
-    cos = reid_ext.reference.cosine_softmax_loss(emb, weight, labels, scale=16.0, margin=0.2)
-    tri = reid_ext.reference.unified_triplet_loss(emb, labels)
-    hc = reid_ext.reference.hetero_center_triplet_loss(emb, labels, modalities)
-    torch.testing.assert_close(parts["id"], cos)
-    torch.testing.assert_close(parts["triplet"], tri)
-    torch.testing.assert_close(parts["hetero_center"], hc)
-    torch.testing.assert_close(loss, cos + tri + hc)
-
-
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_ubat_network_is_a_reduced_and_average_pooled_resnet50(preset):
     p = PRESETS[preset]
-    model = build_ubat(preset, num_classes=7).eval()
+    model = build_ubat(preset).eval()
     assert isinstance(model, UBATNet) and model.embedding_dim == p.feat_dim
-    assert [tuple(c.weight.shape) for c in model.classifiers] == [(7, p.feat_dim)]
+    assert model.id_feature_dims == [p.feat_dim]
     images = torch.randn(2, 3, 96, 32)
     with torch.no_grad():
         out = model(images)
@@ -203,31 +146,22 @@ def test_ubat_backbone_loads_torchvision_resnet50_weights(tmp_path):
     source = torchvision.models.resnet50()
     path = tmp_path / "resnet50.pth"
     torch.save(source.state_dict(), path)
-    model = UBATNet(num_classes=3)
+    model = UBATNet()
     load_backbone_weights(model, str(path))
     own = model.state_dict()
     for key, value in source.state_dict().items():
         if not key.startswith("fc."):
             assert torch.equal(own[key], value), key
     with pytest.raises(ValueError, match="width"):
-        UBATNet(num_classes=3, width=0.125).load_backbone_state_dict(source.state_dict())
+        UBATNet(width=0.125).load_backbone_state_dict(source.state_dict())
 
 
 def test_build_model_names_the_choices():
-    assert isinstance(build_model("ubat", "cpu", 5), UBATNet) and isinstance(build_model("mgn", "cpu", 5), MGN)
+    assert isinstance(build_model("ubat", "cpu"), UBATNet) and isinstance(build_model("mgn", "cpu"), MGN)
     with pytest.raises(ValueError, match="model must be one of"):
-        build_model("pcb", "cpu", 5)
+        build_model("pcb", "cpu")
 
 
-def test_unknown_recipe_and_preset():
-    with pytest.raises(ValueError, match="recipe"):
-        build_recipe("arcface")
+def test_unknown_preset():
     with pytest.raises(ValueError, match="preset"):
-        build_mgn("huge", 10)
-
-
-def test_ubat_is_credited_to_its_authors():
-    from reid_ext.models import recipes, ubat
-
-    for doc in (recipes.__doc__, ubat.__doc__):
-        assert "Li, Qi, Chen and Zhou" in doc and "2103.04607" in doc and "Kim" not in doc
+        build_mgn("huge")

@@ -1,13 +1,12 @@
-"""What MGN and the UBAT network share: model presets, classifiers, loading ResNet-50 weights."""
+"""What MGN and the UBAT network share: model presets, loading ResNet-50 weights."""
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import torch
-import torch.nn as nn
 
 from .resnet import ResNet
 
-__all__ = ["ModelPreset", "PRESETS", "preset", "make_classifiers", "ResNetBackbone", "load_backbone_weights"]
+__all__ = ["ModelPreset", "PRESETS", "preset", "ResNetBackbone", "load_backbone_weights"]
 
 
 @dataclass(frozen=True)
@@ -33,20 +32,6 @@ def preset(name: str) -> ModelPreset:
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {name!r}")
     return PRESETS[name]
-
-
-def make_classifiers(in_features: Sequence[int], num_classes: int) -> nn.ModuleList:
-    """One bias-free Linear(d, num_classes) per d of ``in_features``, weights N(0, 0.001^2); none if num_classes is 0.
-
-    No bias: the same weight then serves as a linear softmax classifier and as the class
-    centres of a cosine softmax.
-    """
-    classifiers = nn.ModuleList()
-    for d in in_features if num_classes else ():
-        classifier = nn.Linear(d, num_classes, bias=False, device="meta")  # no default initialisation drawn
-        classifier.weight = nn.Parameter(torch.empty(num_classes, d).normal_(std=0.001))
-        classifiers.append(classifier)
-    return classifiers
 
 
 class ResNetBackbone:

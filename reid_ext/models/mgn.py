@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import ResNetBackbone, make_classifiers, preset
+from .backbone import ResNetBackbone, preset
 from .resnet import ResNet, make_layer
 
 __all__ = ["MGN", "MGNOutput", "build_mgn"]
@@ -50,7 +50,7 @@ class MGNOutput(NamedTuple):
         stripes, top to bottom.
     global_features: 3 x Tensor[B, C5], the max-pooled whole-map conv5 features of the three
         branches before reduction (C5 = 2048 * width).
-    id_features: the 8 inputs of the classifiers (``MGN.classifiers``, same order): the 3
+    id_features: the 8 inputs of the classifiers (a loss recipe's, reid_ext.recipes): the 3
         global_features, then the 5 reduced stripes (all 8 reduced features with triplet_on="pooled").
     metric_features: the 3 inputs of the triplet losses: the reduced whole-map features
         (global_features with triplet_on="pooled").
@@ -75,7 +75,6 @@ class MGN(ResNetBackbone, nn.Module):
     """MGN over a ResNet-50 of channel scale ``width``.
 
     Args:
-        num_classes: training identities; 0 builds no classifiers (inference only).
         width: channel scale of the ResNet-50 (1.0 in the paper).
         feat_dim: size of each of the 8 reduced features (256 in the paper).
         zero_init_residual: start every bottleneck as the identity (faster
@@ -89,11 +88,9 @@ class MGN(ResNetBackbone, nn.Module):
     (384 x 128 in the paper); other sizes pool overlapping stripes.
     """
 
-    def __init__(self, num_classes: int, width: float = 1.0, feat_dim: int = 256, zero_init_residual: bool = True,
+    def __init__(self, width: float = 1.0, feat_dim: int = 256, zero_init_residual: bool = True,
                  triplet_on: str = "reduced"):
         super().__init__()
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if feat_dim < 1:
             raise ValueError(f"feat_dim must be >= 1, got {feat_dim}")
         if triplet_on not in TRIPLET_ON:
@@ -121,16 +118,16 @@ class MGN(ResNetBackbone, nn.Module):
         self.branches = nn.ModuleList(branches)
         self.out_channels = resnet.out_channels
         self.reductions = nn.ModuleList(_reduction(self.out_channels, feat_dim) for _ in range(NUM_FEATURES))
-        # One per MGNOutput.id_features.
-        whole_map_dim = self.out_channels if triplet_on == "reduced" else feat_dim
-        self.classifiers = make_classifiers(
-            [whole_map_dim] * len(BRANCHES) + [feat_dim] * (NUM_FEATURES - len(BRANCHES)), num_classes
-        )
-
     @property
     def embedding_dim(self) -> int:
         """Size of ``MGNOutput.embedding``: 8 * feat_dim."""
         return NUM_FEATURES * self.feat_dim
+
+    @property
+    def id_feature_dims(self) -> List[int]:
+        """The size of each of ``MGNOutput.id_features``, in order (a loss recipe's classifiers)."""
+        whole_map_dim = self.out_channels if self.triplet_on == "reduced" else self.feat_dim
+        return [whole_map_dim] * len(BRANCHES) + [self.feat_dim] * (NUM_FEATURES - len(BRANCHES))
 
     def forward(self, images: torch.Tensor) -> MGNOutput:
         if images.dim() != 4 or images.size(1) != 3:
@@ -173,7 +170,7 @@ class MGN(ResNetBackbone, nn.Module):
         return mapping
 
 
-def build_mgn(preset_name: str, num_classes: int, triplet_on: str = "reduced") -> MGN:
-    """The MGN of a named preset ("paper" or "cpu") with ``num_classes`` identities; triplet_on: see MGN."""
+def build_mgn(preset_name: str, triplet_on: str = "reduced") -> MGN:
+    """The MGN of a named preset ("paper" or "cpu"); triplet_on: see MGN."""
     p = preset(preset_name)
-    return MGN(num_classes, width=p.width, feat_dim=p.feat_dim, triplet_on=triplet_on)
+    return MGN(width=p.width, feat_dim=p.feat_dim, triplet_on=triplet_on)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import ResNetBackbone, make_classifiers, preset
+from .backbone import ResNetBackbone, preset
 from .resnet import ResNet
 
 __all__ = ["UBATNet", "UBATOutput", "build_ubat"]
@@ -26,7 +26,7 @@ class UBATOutput(NamedTuple):
 
     @property
     def id_features(self) -> Tuple[torch.Tensor, ...]:
-        """The input of the classifier (``UBATNet.classifiers[0]``)."""
+        """The input of the classifier (a loss recipe's, reid_ext.recipes)."""
         return (self.embedding,)
 
     @property
@@ -39,7 +39,6 @@ class UBATNet(ResNetBackbone, nn.Module):
     """ResNet-50 of channel scale ``width`` -> 1x1 conv to ``feat_dim`` channels -> global average pooling.
 
     Args:
-        num_classes: training identities; 0 builds no classifier (inference only).
         width: channel scale of the ResNet-50 (1.0: ResNet-50 itself).
         feat_dim: channels after the 1x1 convolution, the embedding size.
         last_stride: stride of conv5 (1 keeps twice the spatial resolution; 2 is ResNet-50's).
@@ -50,11 +49,9 @@ class UBATNet(ResNetBackbone, nn.Module):
     torchvision's ResNet-50's (conv1, bn1, layer1..layer4).
     """
 
-    def __init__(self, num_classes: int, width: float = 1.0, feat_dim: int = 256, last_stride: int = 1,
+    def __init__(self, width: float = 1.0, feat_dim: int = 256, last_stride: int = 1,
                  zero_init_residual: bool = True):
         super().__init__()
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         if feat_dim < 1:
             raise ValueError(f"feat_dim must be >= 1, got {feat_dim}")
         if last_stride not in (1, 2):
@@ -70,12 +67,16 @@ class UBATNet(ResNetBackbone, nn.Module):
         self.out_channels = resnet.out_channels
         self.reduction = nn.Conv2d(self.out_channels, feat_dim, 1, bias=False)
         nn.init.kaiming_normal_(self.reduction.weight, mode="fan_in", nonlinearity="linear")
-        self.classifiers = make_classifiers([feat_dim], num_classes)
 
     @property
     def embedding_dim(self) -> int:
         """Size of ``UBATOutput.embedding``: feat_dim."""
         return self.feat_dim
+
+    @property
+    def id_feature_dims(self) -> List[int]:
+        """The size of ``UBATOutput.id_features``' one feature: [feat_dim]."""
+        return [self.feat_dim]
 
     def forward(self, images: torch.Tensor) -> UBATOutput:
         if images.dim() != 4 or images.size(1) != 3:
@@ -91,7 +92,7 @@ class UBATNet(ResNetBackbone, nn.Module):
         return {key: [key] for key in self.torchvision_keys()}
 
 
-def build_ubat(preset_name: str, num_classes: int) -> UBATNet:
+def build_ubat(preset_name: str) -> UBATNet:
     """The UBAT network of a named preset ("paper" or "cpu"): its width and reduction width (feat_dim)."""
     p = preset(preset_name)
-    return UBATNet(num_classes, width=p.width, feat_dim=p.feat_dim)
+    return UBATNet(width=p.width, feat_dim=p.feat_dim)
