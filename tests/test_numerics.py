@@ -18,6 +18,13 @@ REDUCTIONS = ["none", "mean", "sum"]
 BANKS = [(40, 300), (900, 300), (40, 600), (4, 131104)]
 
 
+def skip_cpu_only_bank(device, m):
+    """The 131104-row bank picks a CPU schedule (too large for panels); on the CUDA kernels it is one
+    more column-split case like 40 x 600, at hundreds of times the cost on the emulated GPU."""
+    if device.cuda_kernels and m > 2**17:
+        pytest.skip("a CPU kernel path; the CUDA kernels' split path is the 40 x 600 case")
+
+
 def on(device, *tensors):
     return [t.to(torch_device(device)) for t in tensors]
 
@@ -45,6 +52,7 @@ def check_nan_loss(loss, expected, reduction, nan_anchors):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("grad", [False, True])
 def test_unified_nan_anchor_without_positive_in_bank(device, n, m, reduction, grad, gen):
+    skip_cpu_only_bank(device, m)
     # Anchor 0 has a NaN feature and no positive in the bank: it is not valid, but its loss is NaN.
     x = feats(n, 8, gen, device, device.dtype)
     bank = feats(m, 8, gen, device, device.dtype)
@@ -62,6 +70,7 @@ def test_unified_nan_anchor_without_positive_in_bank(device, n, m, reduction, gr
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("grad", [False, True])
 def test_unified_nan_bank_row_paired_with_anchor_without_positive(device, n, m, reduction, grad, gen):
+    skip_cpu_only_bank(device, m)
     # Mode "cross": bank row 1 (modality 1, NaN) pairs only with anchor 0, the one anchor of
     # modality 0, which has no positive in the bank; every other anchor has a finite loss.
     x = feats(n, 8, gen, device, device.dtype, requires_grad=grad)

@@ -55,17 +55,7 @@ __global__ void __launch_bounds__(kThreads) cosine_backward_product_kernel(const
           (j0 + r < p.cols && k0 + c < p.d) ? load_float(b + (j0 + r) * p.d + k0 + c) * p.inv_b[j0 + r] : 0.f;
     }
     __syncthreads();
-    for (int c = 0; c < kTile; ++c) {
-      float cv[kMicro], bv[kMicro];
-#pragma unroll
-      for (int u = 0; u < kMicro; ++u) cv[u] = coef[ty * kMicro + u][c];
-#pragma unroll
-      for (int v = 0; v < kMicro; ++v) bv[v] = b_chunk[c][tx * kMicro + v];
-#pragma unroll
-      for (int u = 0; u < kMicro; ++u)
-#pragma unroll
-        for (int v = 0; v < kMicro; ++v) out[u][v] = fmaf(cv[u], bv[v], out[u][v]);
-    }
+    accumulate_tile_product(coef, b_chunk, tx, ty, out);
     __syncthreads();
   }
 #pragma unroll

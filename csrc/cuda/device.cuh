@@ -109,6 +109,25 @@ __device__ __forceinline__ void tile_dots(const T* __restrict__ a, const float* 
   __syncthreads();
 }
 
+// out[u][v] += sum_c coef[4*ty + u][c] * b_chunk[c][4*tx + v] over a 64 x 64 tile in shared memory
+// (tx = threadIdx.x % 16, ty = threadIdx.x / 16): the backward kernels' products of dL/dS with the
+// other side's rows, 64 feature columns at a time.
+__device__ __forceinline__ void accumulate_tile_product(const float (&coef)[kTile][kTile + 1],
+                                                        const float (&b_chunk)[kTile][kTile], int tx, int ty,
+                                                        float out[kMicro][kMicro]) {
+  for (int c = 0; c < kTile; ++c) {
+    float cv[kMicro], bv[kMicro];
+#pragma unroll
+    for (int u = 0; u < kMicro; ++u) cv[u] = coef[ty * kMicro + u][c];
+#pragma unroll
+    for (int v = 0; v < kMicro; ++v) bv[v] = b_chunk[c][tx * kMicro + v];
+#pragma unroll
+    for (int u = 0; u < kMicro; ++u)
+#pragma unroll
+      for (int v = 0; v < kMicro; ++v) out[u][v] = fmaf(cv[u], bv[v], out[u][v]);
+  }
+}
+
 constexpr int kWarp = 32;
 constexpr int kRowThreads = 256;  // threads of the one-warp-per-row and one-block-per-row kernels
 constexpr int kWarpsPerRowBlock = kRowThreads / kWarp;

@@ -160,17 +160,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();  // coef and b_chunk complete
       float out[kMicro][kMicro] = {};
-      for (int c = 0; c < kTile; ++c) {
-        float cv[kMicro], bv[kMicro];
-#pragma unroll
-        for (int u = 0; u < kMicro; ++u) cv[u] = coef[ty * kMicro + u][c];
-#pragma unroll
-        for (int v = 0; v < kMicro; ++v) bv[v] = b_chunk[c][tx * kMicro + v];
-#pragma unroll
-        for (int u = 0; u < kMicro; ++u)
-#pragma unroll
-          for (int v = 0; v < kMicro; ++v) out[u][v] = fmaf(cv[u], bv[v], out[u][v]);
-      }
+      accumulate_tile_product(coef, b_chunk, tx, ty, out);
 #pragma unroll
       for (int u = 0; u < kMicro; ++u) {
         const int64_t i = i0 + ty * kMicro + u;
