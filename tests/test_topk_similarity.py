@@ -275,16 +275,6 @@ def test_topk_is_not_differentiable(device, gen):
         assert not any(t.requires_grad for t in got)
 
 
-def test_topk_opcheck(device, gen):
-    x = on(device, torch.randn(20, 6, generator=gen))
-    y = on(device, torch.randn(40, 6, generator=gen))
-    op = reid_ext.ops._OPS.topk_similarity.default
-    for args in ((x, None, 4, True, 1e-12), (x, y[:9], 9, False, 1e-12), (x, y, 35, True, 1e-12),
-                 (x.requires_grad_(), y, 1, True, 1e-6), (x[:0], y, 2, True, 1e-12)):
-        torch.library.opcheck(op, args)
-
-
-
 def test_topk_torch_compile_fullgraph(gen):
     x = torch.randn(40, 8, generator=gen)
 
