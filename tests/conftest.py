@@ -1,4 +1,5 @@
-"""The shared harness: the devices a test runs its ops on, labels in named layouts, features.
+"""The shared harness: the devices a test runs its ops on, labels in named layouts, features, and
+the comparison of an op's values and gradients with the reference's.
 
 Device-parametrized tests take the `device` fixture: "cpu"; "cudasim", reid-ext's CUDA
 kernels on the emulated GPU (tools/cudasim: CPU threads, CPU tensors); and "cuda" where a
@@ -18,6 +19,11 @@ import cudasim  # noqa: E402
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
+def tolerance(dtype):
+    """The tolerance of an op against the reference in dtype: float64's default, float32's looser."""
+    return {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+
+
 class Device:
     """Where a device-parametrized test runs its ops.
 
@@ -32,7 +38,7 @@ class Device:
         self.torch = torch.device("cuda" if name == "cuda" else "cpu")
         self.cuda_kernels = name != "cpu"
         self.dtype = torch.float32 if self.cuda_kernels else torch.float64
-        self.tol = {"rtol": 1e-4, "atol": 1e-5} if self.cuda_kernels else {}
+        self.tol = tolerance(self.dtype)
 
     def __repr__(self) -> str:
         return self.name
@@ -87,6 +93,49 @@ def make_labels(layout: str, n: int, generator: torch.Generator) -> torch.Tensor
 
 
 LAYOUTS = ["pk", "singletons", "one_identity", "all_distinct"]
+MODES = ["all", "cross", "intra"]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def two_modalities(labels):
+    """Alternating modalities within each identity, so that every identity with two samples has both."""
+    order = torch.argsort(labels.cpu(), stable=True)
+    modalities = torch.empty_like(labels.cpu())
+    modalities[order] = torch.arange(labels.numel()) % 2
+    return modalities.to(labels.device)
+
+
+def on(device, t):
+    """t on the device, in its test dtype (float64 on CPU, float32 for the CUDA kernels)."""
+    return t.to(device=device.torch, dtype=device.dtype)
+
+
+def value_and_grads(fn, inputs, *args, **kwargs):
+    """fn's outputs (a tuple's elements, or the one tensor) and the gradients w.r.t. inputs of a fixed
+    projection of the first (None for an input it does not reach; all None for an empty output)."""
+    out = fn(*args, **kwargs)
+    values = out if isinstance(out, tuple) else (out,)
+    first = values[0]
+    weight = torch.linspace(-1.0, 2.0, first.numel(), dtype=first.dtype, device=first.device).view_as(first)
+    if first.numel() and inputs:
+        grads = torch.autograd.grad((first * weight).sum(), inputs, allow_unused=True)
+    else:
+        grads = [None] * len(inputs)
+    return (first.detach(),) + tuple(values[1:]), grads
+
+
+def assert_same(ours, theirs, **tol):
+    """Two value_and_grads results agree: floating values and gradients within tol, integer ones exactly."""
+    (values_a, grads_a), (values_b, grads_b) = ours, theirs
+    for a, b in zip(values_a, values_b, strict=True):
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(a, b, **tol)
+        else:
+            assert torch.equal(a.cpu(), b.cpu()), (a, b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol)
 
 
 @pytest.fixture

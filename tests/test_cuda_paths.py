@@ -10,9 +10,7 @@ import torch
 
 import reid_ext
 from reid_ext import reference
-from conftest import features
-
-MODES = ["all", "cross", "intra"]
+from conftest import MODES, features
 
 
 @pytest.fixture
