@@ -2,8 +2,8 @@
 references at a time, with the fused kernels around them, on the emulated GPU and on a GPU.
 
 The thresholds are lowered for the tests (REID_EXT_CUDA_PRODUCTS_FROM = 0: every problem takes
-the products; REID_EXT_CUDA_CHUNK_BYTES: chunks of 64 references), so that chunk boundaries fall
-inside the reference set and inside identity groups at small sizes.
+the products; REID_EXT_CUDA_CHUNK_BYTES: chunks of 64 references, checked by test_chunk_size_is_64),
+so that chunk boundaries fall inside the reference set and inside identity groups at small sizes.
 """
 import pytest
 import torch
@@ -15,10 +15,23 @@ from conftest import MODES, features
 
 @pytest.fixture
 def chunked(monkeypatch, cuda_device):
-    """Forces the products path with chunks of 64 references for anchors up to 96 rows."""
+    """Forces the products path with chunks of 64 references (the floor) for every batch of 24 anchors
+    or more: a budget of 24 x 64 float32 cosines."""
     monkeypatch.setenv("REID_EXT_CUDA_PRODUCTS_FROM", "0")
-    monkeypatch.setenv("REID_EXT_CUDA_CHUNK_BYTES", str(4 * 96 * 64))
+    monkeypatch.setenv("REID_EXT_CUDA_CHUNK_BYTES", str(4 * 24 * 64))
     return cuda_device
+
+
+def test_chunk_size_is_64(chunked, gen):
+    # The tests below are about chunk boundaries: 24 anchors against 150 references must take
+    # 3 chunks (3 products of the cosines), and so must 80 against 80 (64 + 16) and 96 against 150.
+    on = chunked.torch
+    for n, m in ((24, 150), (80, 80), (96, 150)):
+        x, bank = features(n, 8, gen, on, torch.float32, requires_grad=False), features(m, 8, gen, on, torch.float32)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            reid_ext.unified_triplet_loss(x, torch.arange(n).to(on) // 4, ref=bank,
+                                          ref_labels=torch.arange(m).to(on) // 4, reduction="none")
+        assert sum(e.name == "aten::mm" for e in prof.events()) == -(-m // 64), (n, m)
 
 
 def groups_across_chunks(n):

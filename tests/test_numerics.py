@@ -266,8 +266,6 @@ def test_cosine_softmax_is_scale_invariant(device, dtype, scale, reduction, gen)
 @pytest.mark.parametrize("largest", [True, False])
 def test_topk_similarity_is_scale_invariant(device, dtype, scale, with_y, largest, gen):
     skip_float64_on_cuda(device, dtype)
-    if device.name != "cpu":
-        pytest.skip("topk_similarity has a CPU kernel only")
     x = Scaled(30, 16, gen, device, dtype, scale, [0, 4, 5])
     y = Scaled(40, 16, gen, device, dtype, scale, [1, 2, 39]) if with_y else None
     got = reid_ext.topk_similarity(x.x.detach(), None if y is None else y.x.detach(), k=5, largest=largest)
