@@ -1,4 +1,4 @@
-"""k-reciprocal re-ranking (reid_ext.evaluation.re_ranking*) against the dense algorithm, and its
+"""k-reciprocal re-ranking (reid_ext.rerank, also reid_ext.evaluation.re_ranking*) against the dense algorithm, and its
 Jaccard-distance op."""
 import importlib.util
 import pathlib
@@ -52,10 +52,10 @@ def test_re_ranking_distances_matches_the_dense_algorithm(q, g, k1, k2, lambda_v
 def test_re_ranking_in_many_small_blocks(monkeypatch):
     # Blocks of a few rows for the ranking and the bitmaps, of a few pairs for the Jaccard sums:
     # every block boundary the full-size problems cross, at the sizes of a test.
-    import reid_ext.evaluation as evaluation
+    import reid_ext.rerank as rerank
 
-    monkeypatch.setattr(evaluation, "_RANK_BLOCK_ELEMENTS", 3 * 70)
-    monkeypatch.setattr(evaluation, "_BLOCK_ELEMENTS", 50)
+    monkeypatch.setattr(rerank, "_RANK_BLOCK_ELEMENTS", 3 * 70)
+    monkeypatch.setattr(rerank, "_BLOCK_ELEMENTS", 50)
     rng = np.random.default_rng(7)
     q_g, q_q, g_g = random_distances(20, 50, "clustered", rng)
     want = dense_re_ranking(q_g, q_q, g_g, 20, 6, 0.3, dtype=np.float64)
