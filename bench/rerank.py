@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         (q, g), = args.sizes
         print(json.dumps(run_case(args.worker, q, g, args.d, args.seed, args.repeats, args.repeat_below_s, args.save)))
         return 0
-    from losses import device_name, git, _load_average
+    from harness import device_name, git, load_average
     from tqdm import tqdm
 
     name = device_name(torch.device("cpu"))
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     results = {"command": shlex.join(["python", "bench/rerank.py"] + (sys.argv[1:] if argv is None else argv)),
                "device": name, "torch": torch.__version__, "threads": args.threads, "cores": os.cpu_count(),
                "commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", ".")),
-               "numpy_impl": standard_re_ranking()[0], "load_average": {"start": _load_average()},
+               "numpy_impl": standard_re_ranking()[0], "load_average": {"start": load_average()},
                "peak_memory": "VmHWM increase of the case's subprocess during its first run", "rows": []}
     plan = [(q, g, case) for q, g in args.sizes for case in CASES]
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
                     if "s" in row and case != "numpy":
                         row["speedup"] = npy["s"] / row["s"]
                         row["mem_ratio"] = row["peak_mib"] / max(npy["peak_mib"], 1e-9)
-    results["load_average"]["end"] = _load_average()
+    results["load_average"]["end"] = load_average()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     markdown = table(results["rows"])
